@@ -1,0 +1,209 @@
+"""Loading and saving weights: official MAR / KL-16 files, and the project's own safetensors format.
+
+Safety: pickled checkpoints are read with ``torch.load(weights_only=True)``; the only non-tensor
+object official files may carry (``argparse.Namespace`` under ``args``) is allow-listed. A file that
+would execute code when unpickled is refused with :class:`CheckpointError`.
+Strictness: a state dict is compared with the model *before* anything is copied, so a checkpoint of
+another architecture gives one error listing missing / unexpected keys and shape mismatches and
+never leaves a half-loaded model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, unsafe, or does not fit the model."""
+
+
+def torch_load_safely(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains pickled objects outside the allow-list, which could "
+            f"run code when loaded. If you trust this file, re-save its state dict with plain tensors. "
+            f"(torch said: {str(e).splitlines()[0]})") from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"could not read checkpoint {path}: the file is truncated, corrupt or not "
+                              f"a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                     max_listed: int = 12) -> None:
+    """Raise CheckpointError unless ``state_dict`` has exactly the model's keys and shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or mismatched):
+        return
+
+    def listing(name, items):
+        if not items:
+            return ""
+        more = f" ... (+{len(items) - max_listed} more)" if len(items) > max_listed else ""
+        return f"\n  {name} ({len(items)}): " + ", ".join(items[:max_listed]) + more
+
+    raise CheckpointError(
+        f"{source} does not fit {type(model).__name__} (is it a checkpoint of another architecture "
+        f"or size?)" + listing("missing keys", missing) + listing("unexpected keys", unexpected)
+        + listing("shape mismatches", mismatched))
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> nn.Module:
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+# --------------------------------------------------------------------------- official files
+def load_official_mar(checkpoint_path: str | os.PathLike, config, ema: bool = True,
+                      map_location: str | torch.device = "cpu"):
+    """Load an official MAR ``checkpoint-last.pth``.
+
+    ``config``: the official constructor-argument dict, a :class:`MARConfig`, or a factory name
+    ("mar_base", "mar_large", "mar_huge"). Loads ``model_ema`` (what evaluation uses) unless
+    ``ema=False``, which loads ``model``. Returns the model in eval mode.
+    """
+    from marval_rl.models.mar import MAR
+
+    ckpt = torch_load_safely(checkpoint_path, map_location)
+    entry = "model_ema" if ema else "model"
+    if not isinstance(ckpt, dict) or entry not in ckpt:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{checkpoint_path} has no '{entry}' entry (found {keys}); "
+                              f"is it an official MAR checkpoint?")
+    with torch.device("meta"):
+        model = MAR(config)
+    check_state_dict(model, ckpt[entry], f"{checkpoint_path}['{entry}']")
+    model = model.to_empty(device=map_location)
+    model.load_state_dict(ckpt[entry], strict=True)
+    return model.eval()
+
+
+def load_official_vae(checkpoint_path: str | os.PathLike, config=None,
+                      map_location: str | torch.device = "cpu"):
+    """Load the official KL-16 VAE (``kl16.ckpt``: the state dict under ``'model'``), strictly.
+
+    ``config``: a VAEConfig or dict; default the official KL-16 architecture. LDM training-loss
+    weights (keys under ``loss.``), which some LDM checkpoints carry, are dropped; nothing else is.
+    """
+    from marval_rl.models.vae import AutoencoderKL, VAEConfig, kl16_config
+
+    ckpt = torch_load_safely(checkpoint_path, map_location)
+    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{checkpoint_path} holds no state dict")
+    sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    if config is None:
+        config = kl16_config()
+    elif isinstance(config, dict):
+        config = VAEConfig.from_dict(config)
+    with torch.device("meta"):
+        model = AutoencoderKL(config)
+    check_state_dict(model, sd, str(checkpoint_path))
+    model = model.to_empty(device=map_location)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- our own format
+def _architectures() -> dict[str, tuple[Callable[[dict], Any], Callable[[Any], nn.Module]]]:
+    """name -> (config-from-dict, model-from-config). New model kinds register here."""
+    from marval_rl.models.mar import MAR, MARConfig
+    from marval_rl.models.vae import AutoencoderKL, VAEConfig
+
+    return {"mar": (MARConfig.from_dict, MAR), "vae": (VAEConfig.from_dict, AutoencoderKL)}
+
+
+def architecture_of(model: nn.Module) -> str:
+    for name, (_, cls) in _architectures().items():
+        if type(model) is cls:
+            return name
+    raise CheckpointError(f"no registered architecture for {type(model).__name__}")
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via a temp file in the same directory and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (architecture, config, metadata) atomically."""
+    directory = Path(directory)
+    arch = architecture_of(model)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, p))
+    doc = {"format_version": FORMAT_VERSION, "architecture": arch,
+           "config": model.config.to_dict(), "metadata": metadata or {}}
+    atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
+    return directory
+
+
+def read_pretrained_config(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{directory} is not a marval-rl checkpoint directory (no config.json)")
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+    if "architecture" not in doc or "config" not in doc:
+        raise CheckpointError(f"{cfg_path} lacks 'architecture'/'config'")
+    return doc
+
+
+def load_pretrained(directory: str | os.PathLike, expected: str | None = None,
+                    map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a directory written by :func:`save_pretrained`; ``expected`` names the architecture wanted."""
+    directory = Path(directory)
+    doc = read_pretrained_config(directory)
+    arch = doc["architecture"]
+    if expected is not None and arch != expected:
+        raise CheckpointError(f"{directory} holds a '{arch}' checkpoint, but a '{expected}' is expected here")
+    archs = _architectures()
+    if arch not in archs:
+        raise CheckpointError(f"{directory}: unknown architecture '{arch}' (known: {sorted(archs)})")
+    make_config, make_model = archs[arch]
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint weights not found: {weights}")
+    try:
+        sd = load_file(str(weights), device=str(map_location))
+    except Exception as e:  # safetensors raises its own error types for truncated headers
+        raise CheckpointError(f"could not read {weights}: truncated or corrupt ({e})") from e
+    with torch.device("meta"):
+        model = make_model(make_config(doc["config"]))
+    check_state_dict(model, sd, str(weights))
+    model = model.to_empty(device=map_location)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
