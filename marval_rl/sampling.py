@@ -1,0 +1,185 @@
+"""The AR unmasking loop: one loop for every token sampler (100-step diffusion chain, one-step head).
+
+Generation starts with every token masked. At step k of K the backbone computes a condition z_i for
+every position, the cosine schedule decides how many tokens stay masked after this step, and the
+token sampler draws the tokens that become visible now (the *end* of each random order first).
+With CFG the backbone also runs on the null class and the token sampler combines both conditions.
+
+Every random draw goes through a :class:`RandomStream`, which records it. Passing the returned
+:class:`SampleRecord` back as ``replay=`` reproduces the trajectory exactly, also with gradients on
+(the RL trainer recomputes rollouts this way). Given ``orders`` and a CPU ``torch.Generator``, the
+draws happen in the official MAR order, so the reference goldens reproduce.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from marval_rl.models.diffusion import GaussianDiffusion
+
+
+class RandomStream:
+    """Source of every Gaussian draw of one generation: fresh (recorded) or replayed from a record."""
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device,
+                 replay: list[list[torch.Tensor]] | None = None, record: bool = True):
+        self.generator, self.device, self.record = generator, device, record
+        self._replay = replay
+        self.steps: list[list[torch.Tensor]] = []
+
+    def begin_step(self, step: int):
+        self._step, self._i = step, 0
+        self.steps.append([])
+
+    def randn(self, shape) -> torch.Tensor:
+        shape = tuple(shape)
+        if self._replay is not None:
+            draws = self._replay[self._step]
+            if self._i >= len(draws) or tuple(draws[self._i].shape) != shape:
+                got = tuple(draws[self._i].shape) if self._i < len(draws) else "nothing"
+                raise ValueError(f"replay record does not match this generation: step {self._step} "
+                                 f"draw {self._i} expected shape {shape}, record has {got}")
+            x = draws[self._i].to(self.device)
+        elif self.generator is not None:
+            x = torch.randn(shape, generator=self.generator, device=self.generator.device).to(self.device)
+        else:
+            x = torch.randn(shape, device=self.device)
+        self._i += 1
+        if self.record:
+            self.steps[-1].append(x.detach())
+        return x
+
+
+class TokenSampler(Protocol):
+    """Draws tokens [N, C] given conditions z_cond [N, D] (and z_uncond [N, D] when cfg != 1)."""
+
+    def __call__(self, z_cond: torch.Tensor, z_uncond: torch.Tensor | None, cfg: float,
+                 temperature: float, randn: Callable[[tuple], torch.Tensor]) -> torch.Tensor: ...
+
+
+class DiffusionSampler:
+    """The teacher's token sampler: MAR's ancestral diffusion chain (100 respaced steps by default)."""
+
+    def __init__(self, diffloss, num_steps: int | str | None = None):
+        self.diffloss = diffloss
+        self.diffusion = None if num_steps is None else GaussianDiffusion(str(num_steps))
+
+    def __call__(self, z_cond, z_uncond, cfg, temperature, randn):
+        z = z_cond if z_uncond is None else torch.cat([z_cond, z_uncond])
+        x = self.diffloss.sample(z, temperature=temperature, cfg=cfg, randn=randn,
+                                 diffusion=self.diffusion)
+        return x[: z_cond.shape[0]]
+
+
+@dataclass
+class SampleRecord:
+    """Everything random about one generation; replaying it reproduces the tokens exactly."""
+
+    orders: torch.Tensor                       # [B, L] int64
+    labels: torch.Tensor | None                # [B] int64, or None for the null class
+    num_iter: int
+    cfg: float
+    cfg_schedule: str
+    temperature: float
+    noise: list[list[torch.Tensor]] = field(default_factory=list)   # per AR step, draws in order
+    predicted: list[torch.Tensor] = field(default_factory=list)     # per AR step, [B, L] bool
+    cfg_per_step: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor          # [B, C, h, w] latents in MAR's scaled space
+    record: SampleRecord
+
+    @property
+    def rows_per_step(self) -> list[int]:
+        return [int(p.sum()) for p in self.record.predicted]
+
+
+def mask_len_after_step(step: int, num_iter: int, seq_len: int, num_masked: int) -> int:
+    """Tokens still masked after ``step``: cosine schedule, at least one predicted, one kept masked."""
+    ratio = np.cos(math.pi / 2.0 * (step + 1) / num_iter)  # np.cos as the official code (ulp-exact)
+    return int(max(1, min(num_masked - 1, np.floor(seq_len * ratio))))
+
+
+def cfg_at_step(cfg: float, schedule: str, mask_len: int, seq_len: int) -> float:
+    """MAR's guidance at one AR step; "linear" uses the post-step mask length (float32 like upstream)."""
+    if schedule == "constant":
+        return float(cfg)
+    ml = torch.tensor([float(mask_len)], dtype=torch.float32)
+    return float((1 + (cfg - 1) * (seq_len - ml) / seq_len)[0])
+
+
+def sample_tokens(model, bsz: int | None = None, labels=None, num_iter: int = 64, cfg: float = 1.0,
+                  cfg_schedule: str = "linear", temperature: float = 1.0,
+                  orders: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  token_sampler: TokenSampler | None = None, replay: SampleRecord | None = None,
+                  record_noise: bool = True, progress: bool = False) -> SampleResult:
+    """Generate latents with K = ``num_iter`` AR iterations. See the module docstring."""
+    if replay is not None:
+        labels, orders = replay.labels, replay.orders
+        num_iter, cfg, cfg_schedule, temperature = (replay.num_iter, replay.cfg,
+                                                    replay.cfg_schedule, replay.temperature)
+    device, L, C = model.device, model.seq_len, model.token_embed_dim
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.int64, device=device).reshape(-1)
+        if bsz is not None and bsz != labels.numel():
+            raise ValueError(f"bsz={bsz} but {labels.numel()} labels were given")
+        bsz = labels.numel()
+    if bsz is None or bsz < 1:
+        raise ValueError("give labels, or bsz >= 1 for unconditional (null-class) sampling")
+    if not 1 <= int(num_iter) <= L:
+        raise ValueError(f"num_iter must be in [1, {L}] (the number of tokens), got {num_iter}")
+    if cfg < 1.0:
+        raise ValueError(f"cfg is MAR's guidance scale (1.0 = no guidance); values below 1 are not "
+                         f"meaningful, got {cfg}")
+    if cfg != 1.0 and labels is None:
+        raise ValueError("cfg != 1 needs class labels (the unconditional branch is the null class)")
+    if cfg_schedule not in ("linear", "constant"):
+        raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if orders is None:
+        orders = model.sample_orders(bsz, generator)
+    orders = torch.as_tensor(orders, dtype=torch.int64, device=device)
+    if orders.shape != (bsz, L):
+        raise ValueError(f"orders must be [{bsz}, {L}], got {tuple(orders.shape)}")
+    sampler = token_sampler if token_sampler is not None else DiffusionSampler(model.diffloss)
+    rng = RandomStream(generator, device, replay=replay.noise if replay is not None else None,
+                       record=record_noise)
+    record = SampleRecord(orders=orders, labels=labels, num_iter=int(num_iter), cfg=float(cfg),
+                          cfg_schedule=cfg_schedule, temperature=float(temperature))
+
+    tokens = torch.zeros(bsz, L, C, device=device)
+    mask = torch.ones(bsz, L, device=device)
+    null = model.fake_latent.expand(bsz, -1)
+    for step in tqdm(range(num_iter), disable=not progress, desc="AR steps", leave=False):
+        if cfg != 1.0:
+            z = model.forward_mae_decoder(
+                model.forward_mae_encoder(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
+                                          torch.cat([model.class_embedding(labels, bsz), null])),
+                torch.cat([mask, mask]))
+            z_cond, z_uncond = z[:bsz], z[bsz:]
+        else:
+            z_cond, z_uncond = model.condition(tokens, mask, labels), None
+
+        mask_len = mask_len_after_step(step, num_iter, L, int(mask[0].sum()))
+        mask_next = model.mask_from_orders(orders, mask_len)
+        predict = mask.bool() if step == num_iter - 1 else mask.bool() & ~mask_next.bool()
+        cfg_iter = cfg_at_step(cfg, cfg_schedule, mask_len, L)
+
+        rng.begin_step(step)
+        rows = predict.nonzero(as_tuple=True)  # batch-major, positions increasing (official order)
+        new = sampler(z_cond[rows], None if z_uncond is None else z_uncond[rows], cfg_iter,
+                      temperature, rng.randn)
+        tokens = tokens.index_put(rows, new.to(tokens.dtype))
+        mask = mask_next
+        record.predicted.append(predict)
+        record.cfg_per_step.append(cfg_iter)
+    record.noise = rng.steps
+    return SampleResult(tokens=model.unpatchify(tokens), record=record)
