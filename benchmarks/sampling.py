@@ -1,0 +1,101 @@
+"""Sampling speed of a MAR generator: time per image, split into backbone and token-sampler time.
+
+    python benchmarks/sampling.py                                  # MAR-B, random weights, CPU
+    python benchmarks/sampling.py --num-iter 8 --batch 1           # quick CPU run
+    python benchmarks/sampling.py --device cuda --batch 1 64 --num-iter 64 --cfg 1.0 2.9
+
+Weights are random (the head's zero-initialised output layers are re-drawn so the chain does real
+work); speed does not depend on the values. Each configuration runs once after one warm-up call.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from marval_rl.models import MAR
+from marval_rl.sampling import DiffusionSampler, sample_tokens
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimedSampler:
+    """Wraps a token sampler and accumulates the wall time spent inside it."""
+
+    def __init__(self, inner, device):
+        self.inner, self.device, self.seconds = inner, device, 0.0
+
+    def __call__(self, *args):
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = self.inner(*args)
+        sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def random_model(spec: str, device, dtype) -> MAR:
+    config = json.loads(Path(spec).read_text()).get("constructor") if spec.endswith(".json") else spec
+    torch.manual_seed(0)
+    model = MAR(config)
+    for name, p in model.diffloss.named_parameters():  # undo the zero init of adaLN / output layers
+        if "adaLN_modulation" in name or "final_layer.linear" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mar_base", help="mar_base | mar_large | mar_huge | JSON config")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--num-iter", type=int, nargs="+", default=[64])
+    ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.9])
+    ap.add_argument("--head-steps", type=int, nargs="+", default=[100])
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model = random_model(args.model, device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"# {args.model}: {n_params / 1e6:.1f}M params, device {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{args.dtype}")
+    rows = []
+    with torch.inference_mode():
+        sample_tokens(model, labels=[0], num_iter=2, token_sampler=DiffusionSampler(model.diffloss, 2))
+        for bsz, k, cfg, steps in itertools.product(args.batch, args.num_iter, args.cfg, args.head_steps):
+            sampler = TimedSampler(DiffusionSampler(model.diffloss, steps), device)
+            labels = torch.arange(bsz) % model.config.class_num
+            sync(device)
+            t0 = time.perf_counter()
+            sample_tokens(model, labels=labels, num_iter=k, cfg=cfg, token_sampler=sampler,
+                          generator=torch.Generator().manual_seed(0), record_noise=False)
+            sync(device)
+            total = time.perf_counter() - t0
+            rows.append(dict(batch=bsz, num_iter=k, cfg=cfg, head="diffusion", head_steps=steps,
+                             total_s=total, per_image_s=total / bsz, backbone_s=total - sampler.seconds,
+                             head_s=sampler.seconds, head_share=sampler.seconds / total))
+            r = rows[-1]
+            print(f"batch {bsz:>3} K {k:>3} cfg {cfg:<4} head {steps:>3} steps: {r['per_image_s']:.3f} s/img "
+                  f"(backbone {r['backbone_s']:.2f} s, head {r['head_s']:.2f} s)", flush=True)
+    print()
+    print("| batch | K | cfg | head | total (s) | s / image | backbone (s) | head (s) | head share |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['num_iter']} | {r['cfg']} | {r['head']} {r['head_steps']} steps | "
+              f"{r['total_s']:.2f} | {r['per_image_s']:.3f} | {r['backbone_s']:.2f} | {r['head_s']:.2f} | "
+              f"{100 * r['head_share']:.0f}% |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
