@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from marval_rl.config import ModelSection, RecipeError, VAESection
-from marval_rl.models.checkpoints import load_official_mar, load_official_vae, load_pretrained
+from marval_rl.models.checkpoints import (load_official_mar, load_official_vae, load_pretrained,
+                                          read_pretrained_config)
 
 
 def _official_mar_config(section: ModelSection) -> dict:
@@ -27,14 +28,20 @@ def _official_mar_config(section: ModelSection) -> dict:
     return cfg
 
 
-def load_generator(section: ModelSection, device: str | torch.device = "cpu"):
-    """A MAR teacher from an official ``.pth`` file or a marval-rl directory, in eval mode."""
+def load_generator(section: ModelSection, device: str | torch.device = "cpu", expected: str | None = None):
+    """A generator in eval mode: a MAR teacher (official ``.pth`` or marval-rl directory) or a MARVAL
+    student (marval-rl directory). ``expected`` ("mar" | "marval") rejects the other kind."""
     if not section.checkpoint:
         raise RecipeError("model.checkpoint is empty: give an official checkpoint-last.pth or a "
                           "marval-rl checkpoint directory")
     path = Path(section.checkpoint)
     if path.is_dir():
-        return load_pretrained(path, expected="mar", map_location=device)
+        arch = read_pretrained_config(path)["architecture"]
+        if arch not in ("mar", "marval"):
+            raise RecipeError(f"model.checkpoint {path} holds a '{arch}', not a MAR / MARVAL generator")
+        return load_pretrained(path, expected=expected, map_location=device)
+    if expected == "marval":
+        raise RecipeError(f"{path} is an official MAR checkpoint, but a MARVAL student is expected here")
     return load_official_mar(path, _official_mar_config(section), ema=section.ema, map_location=device)
 
 

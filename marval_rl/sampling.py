@@ -63,13 +63,34 @@ class TokenSampler(Protocol):
 
 
 class DiffusionSampler:
-    """The teacher's token sampler: MAR's ancestral diffusion chain (100 respaced steps by default)."""
+    """The teacher's token sampler: MAR's ancestral diffusion chain (100 respaced steps by default).
+
+    ``num_steps=1`` is not an ancestral chain (that needs >= 2 steps): it is one denoiser call at
+    t = 999 returning the implied x0 = (x_T - sqrt(1 - ab) eps) / sqrt(ab). That is what a 100-step
+    head degrades to when asked for one step, the baseline a one-step student must beat.
+    """
 
     def __init__(self, diffloss, num_steps: int | str | None = None):
         self.diffloss = diffloss
-        self.diffusion = None if num_steps is None else GaussianDiffusion(str(num_steps))
+        self.one_call = num_steps is not None and int(num_steps) == 1
+        self.diffusion = None if num_steps is None or self.one_call else GaussianDiffusion(str(num_steps))
+
+    def _one_call(self, z_cond, z_uncond, cfg, randn):
+        n, net = z_cond.shape[0], self.diffloss.net
+        x = randn((n, self.diffloss.in_channels))
+        t_top = self.diffloss.train_diffusion.num_timesteps - 1
+        t = torch.full((n,), t_top, dtype=torch.long, device=x.device)
+        if z_uncond is None:
+            eps = net(x, t, z_cond)[:, : x.shape[1]]
+        else:
+            eps = net.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z_cond, z_uncond]),
+                                       cfg)[:n, : x.shape[1]]
+        ab = float(self.diffloss.train_diffusion.alphas_cumprod[t_top])
+        return (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5
 
     def __call__(self, z_cond, z_uncond, cfg, temperature, randn):
+        if self.one_call:
+            return self._one_call(z_cond, z_uncond, cfg, randn)
         z = z_cond if z_uncond is None else torch.cat([z_cond, z_uncond])
         x = self.diffloss.sample(z, temperature=temperature, cfg=cfg, randn=randn,
                                  diffusion=self.diffusion)
@@ -149,7 +170,7 @@ def sample_tokens(model, bsz: int | None = None, labels=None, num_iter: int = 64
     orders = torch.as_tensor(orders, dtype=torch.int64, device=device)
     if orders.shape != (bsz, L):
         raise ValueError(f"orders must be [{bsz}, {L}], got {tuple(orders.shape)}")
-    sampler = token_sampler if token_sampler is not None else DiffusionSampler(model.diffloss)
+    sampler = token_sampler if token_sampler is not None else model.default_token_sampler()
     rng = RandomStream(generator, device, replay=replay.noise if replay is not None else None,
                        record=record_noise)
     record = SampleRecord(orders=orders, labels=labels, num_iter=int(num_iter), cfg=float(cfg),

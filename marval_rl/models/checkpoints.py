@@ -127,19 +127,29 @@ def load_official_vae(checkpoint_path: str | os.PathLike, config=None,
 
 
 # --------------------------------------------------------------------------- our own format
-def _architectures() -> dict[str, tuple[Callable[[dict], Any], Callable[[Any], nn.Module]]]:
-    """name -> (config-from-dict, model-from-config). New model kinds register here."""
-    from marval_rl.models.mar import MAR, MARConfig
-    from marval_rl.models.vae import AutoencoderKL, VAEConfig
+# name -> "module:Class". A model class has ``config_class`` (with ``from_dict``) and ``.config``
+# (with ``to_dict``), or a ``checkpoint_config()`` method returning that dict. Imports are lazy so that loading a VAE does not import the RL stack.
+ARCHITECTURES: dict[str, str] = {
+    "mar": "marval_rl.models.mar:MAR",
+    "vae": "marval_rl.models.vae:AutoencoderKL",
+    "marval": "marval_rl.models.one_step:MARVAL",
+    "classifier": "marval_rl.eval.classifier:EmojiClassifier",
+}
 
-    return {"mar": (MARConfig.from_dict, MAR), "vae": (VAEConfig.from_dict, AutoencoderKL)}
+
+def _model_class(arch: str) -> type:
+    import importlib
+
+    module, name = ARCHITECTURES[arch].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def architecture_of(model: nn.Module) -> str:
-    for name, (_, cls) in _architectures().items():
-        if type(model) is cls:
+    for name in ARCHITECTURES:
+        if type(model) is _model_class(name):
             return name
-    raise CheckpointError(f"no registered architecture for {type(model).__name__}")
+    raise CheckpointError(f"no registered architecture for {type(model).__name__} "
+                          f"(add it to marval_rl.models.checkpoints.ARCHITECTURES)")
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -163,7 +173,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, metadata: di
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, p))
     doc = {"format_version": FORMAT_VERSION, "architecture": arch,
-           "config": model.config.to_dict(), "metadata": metadata or {}}
+           "config": model.checkpoint_config() if hasattr(model, "checkpoint_config") else model.config.to_dict(),
+           "metadata": metadata or {}}
     atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
     return directory
 
@@ -190,10 +201,9 @@ def load_pretrained(directory: str | os.PathLike, expected: str | None = None,
     arch = doc["architecture"]
     if expected is not None and arch != expected:
         raise CheckpointError(f"{directory} holds a '{arch}' checkpoint, but a '{expected}' is expected here")
-    archs = _architectures()
-    if arch not in archs:
-        raise CheckpointError(f"{directory}: unknown architecture '{arch}' (known: {sorted(archs)})")
-    make_config, make_model = archs[arch]
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{directory}: unknown architecture '{arch}' (known: {sorted(ARCHITECTURES)})")
+    cls = _model_class(arch)
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights}")
@@ -202,7 +212,7 @@ def load_pretrained(directory: str | os.PathLike, expected: str | None = None,
     except Exception as e:  # safetensors raises its own error types for truncated headers
         raise CheckpointError(f"could not read {weights}: truncated or corrupt ({e})") from e
     with torch.device("meta"):
-        model = make_model(make_config(doc["config"]))
+        model = cls(cls.config_class.from_dict(doc["config"]))
     check_state_dict(model, sd, str(weights))
     model = model.to_empty(device=map_location)
     model.load_state_dict(sd, strict=True)

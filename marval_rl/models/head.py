@@ -159,11 +159,14 @@ class DiffLoss(nn.Module):
         if z.shape[0] != target.shape[0]:
             raise ValueError(f"target has {target.shape[0]} rows but z has {z.shape[0]}")
         n = target.shape[0]
+        # Draw on the generator's device (a CPU generator may drive a GPU model), then move.
+        dev = generator.device if generator is not None else target.device
         if t is None:
             t = torch.randint(0, self.train_diffusion.num_timesteps, (n,), generator=generator,
-                              device=target.device)
+                              device=dev).to(target.device)
         if noise is None:
-            noise = torch.randn(target.shape, generator=generator, dtype=target.dtype, device=target.device)
+            noise = torch.randn(target.shape, generator=generator, dtype=target.dtype,
+                                device=dev).to(target.device)
         return self.train_diffusion.training_losses(self.net, target, t, noise, c=z)
 
     def forward(self, target: Tensor, z: Tensor, mask: Tensor | None = None, t: Tensor | None = None,

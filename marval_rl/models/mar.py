@@ -109,7 +109,9 @@ def resolve_mar_config(config: "MARConfig | dict | str | None" = None, **overrid
 
 
 class MAR(nn.Module):
-    def __init__(self, config: MARConfig | dict | str | None = None, **overrides):
+    config_class = MARConfig
+
+    def __init__(self, config: MARConfig | dict | str | None = None, build_head: bool = True, **overrides):
         super().__init__()
         cfg = self.config = resolve_mar_config(config, **overrides)
         self.seq_h = self.seq_w = cfg.img_size // cfg.vae_stride // cfg.patch_size
@@ -139,10 +141,11 @@ class MAR(nn.Module):
             [Block(dec, cfg.decoder_num_heads, **block) for _ in range(cfg.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(dec, eps=cfg.norm_layer_eps)
 
-        self.diffloss = DiffLoss(target_channels=self.token_embed_dim, z_channels=dec,
-                                 depth=cfg.diffloss_d, width=cfg.diffloss_w,
-                                 num_sampling_steps=cfg.num_sampling_steps,
-                                 grad_checkpointing=cfg.grad_checkpointing)
+        if build_head:  # a one-step student (MARVAL) replaces the diffusion head with its own
+            self.diffloss = DiffLoss(target_channels=self.token_embed_dim, z_channels=dec,
+                                     depth=cfg.diffloss_d, width=cfg.diffloss_w,
+                                     num_sampling_steps=cfg.num_sampling_steps,
+                                     grad_checkpointing=cfg.grad_checkpointing)
         self.diffusion_batch_mul = cfg.diffusion_batch_mul
         self.initialize_weights()
 
@@ -191,11 +194,12 @@ class MAR(nn.Module):
         keys = torch.rand(bsz, self.seq_len, generator=generator, device=dev)
         return keys.argsort(dim=1).to(self.device)
 
-    def sample_mask_rate(self, generator: torch.Generator | None = None) -> float:
+    def sample_mask_rate(self, generator: torch.Generator | None = None,
+                         mask_ratio_min: float | None = None) -> float:
         """One mask ratio for the whole batch: N(1, 0.25) truncated to [mask_ratio_min, 1].
 
         Same law as the official scipy truncnorm draw, sampled by inverse CDF from a torch generator."""
-        lo = (self.config.mask_ratio_min - 1.0) / 0.25
+        lo = ((self.config.mask_ratio_min if mask_ratio_min is None else mask_ratio_min) - 1.0) / 0.25
         phi = lambda x: 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
         dev = generator.device if generator is not None else torch.device("cpu")
         u = torch.rand((), generator=generator, device=dev, dtype=torch.float64).item()
@@ -309,6 +313,12 @@ class MAR(nn.Module):
         if return_terms:
             return loss, dict(terms, z=z, mask=mask, orders=orders, mask_rate=mask_rate)
         return loss
+
+    def default_token_sampler(self):
+        """The token sampler generation uses unless told otherwise: the 100-step diffusion chain."""
+        from marval_rl.sampling import DiffusionSampler
+
+        return DiffusionSampler(self.diffloss)
 
     @property
     def device(self) -> torch.device:

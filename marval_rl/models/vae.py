@@ -281,6 +281,8 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """Encoder + decoder with the KL latent interface used by MAR (see module docstring)."""
 
+    config_class = VAEConfig
+
     def __init__(self, config: VAEConfig | Mapping[str, Any] | None = None):
         super().__init__()
         if config is None:

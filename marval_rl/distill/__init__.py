@@ -1,0 +1,1 @@
+"""MARVAL distillation: Guided Score Implicit Matching (GSIM) of a MAR teacher's diffusion head."""
