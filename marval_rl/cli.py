@@ -28,7 +28,7 @@ def cmd_validate(args) -> int:
 def cmd_sample(args) -> int:
     from marval_rl.eval.images import save_grid, save_images
     from marval_rl.loading import load_generator, load_vae
-    from marval_rl.sampling import DiffusionSampler, sample_tokens
+    from marval_rl.sampling import sample_tokens
 
     recipe = load_recipe(args.recipe, args.overrides)
     s, device = recipe.sample, torch.device(recipe.device)
@@ -36,7 +36,7 @@ def cmd_sample(args) -> int:
     vae = load_vae(recipe.vae, device)
     labels = [int(x) for x in s.labels] or list(range(min(8, model.config.class_num)))
     labels = [c for c in labels for _ in range(s.num_per_label)]
-    sampler = DiffusionSampler(model.diffloss, s.head_steps)
+    sampler = token_sampler_for(model, s.head_steps)
     generator = torch.Generator().manual_seed(s.seed)
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,11 +65,120 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from marval_rl.data import build_source
+    from marval_rl.loading import load_vae
+    from marval_rl.pretrain.mar import train_mar
+    from marval_rl.pretrain.vae import train_vae
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    p, out = recipe.pretrain, Path(recipe.output_dir)
+    unknown = [s for s in p.stages if s not in ("vae", "mar", "classifier", "clip")]
+    if unknown or not p.stages:
+        raise RecipeError(f"pretrain.stages: unknown stage(s) {unknown}; use any of vae, mar, classifier, clip")
+    common = dict(seed=p.seed, log_every=p.log_every, checkpoint_every=p.checkpoint_every,
+                  sample_every=p.sample_every, device=recipe.device)
+    dataset = build_source(recipe.data, "train") if {"vae", "mar"} & set(p.stages) else None
+    summary: dict = {"output_dir": str(out)}
+    vae = None
+    for stage in p.stages:
+        t0 = time.perf_counter()
+        if stage == "vae":
+            vae, metrics = train_vae(p.vae, recipe.data, dataset, out, **common)
+        elif stage == "mar":
+            if vae is None:
+                vae = load_vae(recipe.vae, recipe.device)
+                if vae is None:
+                    raise RecipeError("stage 'mar' needs a VAE: run stage 'vae' first or set vae.checkpoint")
+            _, metrics = train_mar(p.mar, dataset, vae, out, image_size=recipe.data.image_size, **common)
+        elif stage == "classifier":
+            from marval_rl.eval.fid import build_embedded_evaluators
+
+            metrics = build_embedded_evaluators(p.classifier, recipe.data, out)
+        else:
+            from rewards.embedded_clip import train_embedded_clip
+
+            metrics = train_embedded_clip(p.clip, recipe.data, out / "clip", seed=p.seed)
+        summary[stage] = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                          "minutes": round((time.perf_counter() - t0) / 60, 2)}
+        print(f"[{stage}] done in {summary[stage]['minutes']} min")
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from marval_rl.data import build_source
+    from marval_rl.distill.trainer import check_section, distill
+    from marval_rl.loading import load_generator, load_vae
+    from marval_rl.pretrain.mar import LatentBatches, check_pair
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_section(recipe.distill)
+    teacher = load_generator(recipe.model, recipe.device, expected="mar")
+    vae = load_vae(recipe.vae, recipe.device)
+    if vae is None:
+        raise RecipeError("distill needs vae.checkpoint (the teacher's tokenizer)")
+    check_pair(teacher.config, vae, None if recipe.data.source == "latents" else recipe.data.image_size)
+    batches = LatentBatches(build_source(recipe.data, "train"), vae)
+    t0 = time.perf_counter()
+    _, metrics = distill(teacher, vae, batches, recipe.distill, Path(recipe.output_dir))
+    print(json.dumps({"output_dir": recipe.output_dir, "student": str(Path(recipe.output_dir) / "student"),
+                      "minutes": round((time.perf_counter() - t0) / 60, 2),
+                      **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
+    return 0
+
+
+def token_sampler_for(model, head_steps):
+    """The recipe's token sampler: the model's own (diffusion chain / one step) or a k-step chain."""
+    from marval_rl.sampling import DiffusionSampler
+
+    if head_steps is None:
+        return model.default_token_sampler()
+    if not hasattr(model, "diffloss"):
+        raise RecipeError("sample.head_steps applies to a MAR teacher's diffusion head; a MARVAL student "
+                          "always samples in one step (leave sample.head_steps unset)")
+    return DiffusionSampler(model.diffloss, head_steps)
+
+
+def cmd_evaluate(args) -> int:
+    from marval_rl.eval.classifier import EmojiClassifier  # noqa: F401  (registers the architecture)
+    from marval_rl.eval.evaluate import format_table, generate_images, score_images
+    from marval_rl.eval.fid import FIDProxy
+    from marval_rl.loading import load_generator, load_vae
+    from marval_rl.models.checkpoints import load_pretrained
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    s, e = recipe.sample, recipe.evaluate
+    model = load_generator(recipe.model, recipe.device)
+    vae = load_vae(recipe.vae, recipe.device)
+    if vae is None:
+        raise RecipeError("evaluate needs vae.checkpoint to decode images")
+    classifier = load_pretrained(e.classifier, expected="classifier")
+    fid = FIDProxy(classifier, e.fid_stats)
+    classes = [int(c) for c in e.classes] or list(range(model.config.class_num))
+    labels = [c for c in classes for _ in range(e.per_class)]
+    images, seconds = generate_images(model, vae, labels, num_iter=s.num_iter, cfg=s.cfg,
+                                      cfg_schedule=s.cfg_schedule, temperature=s.temperature,
+                                      token_sampler=token_sampler_for(model, s.head_steps),
+                                      batch_size=e.batch_size, seed=s.seed)
+    head = "one-step" if not hasattr(model, "diffloss") else \
+        f"diffusion {s.head_steps or model.config.num_sampling_steps}"
+    row = {"generator": str(recipe.model.checkpoint), "head": head,
+           "K": s.num_iter, "cfg": s.cfg, "images": len(labels), **score_images(images, labels, classifier, fid),
+           "s_per_image": seconds / len(labels)}
+    print(format_table([row], list(row)))
+    print(json.dumps(row))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="marval-rl", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, helptext in (("validate", cmd_validate, "print the resolved recipe"),
-                               ("sample", cmd_sample, "sample images from the recipe's generator")):
+                               ("sample", cmd_sample, "sample images from the recipe's generator"),
+                               ("pretrain", cmd_pretrain, "train the VAE / MAR teacher / evaluators"),
+                               ("distill", cmd_distill, "GSIM-distill a MAR teacher into a one-step MARVAL student"),
+                               ("evaluate", cmd_evaluate, "sample per class and print quality metrics")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("recipe", help="YAML recipe file")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.cfg=2.9")
@@ -81,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (RecipeError, CheckpointError, ValueError) as e:
+    except (RecipeError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -2,8 +2,8 @@
 
 Every recipe key has exactly one default, here. YAML files and command-line overrides only change
 values; an unknown key fails with the closest valid key, a wrong type fails naming the key.
-``${recipe_dir:}`` inside a value expands to the directory of the recipe file, so shipped recipes
-can point at files next to them wherever the command is run from.
+``${recipe_dir:}`` inside a value expands to the directory of the recipe file and ``${asset:NAME}``
+to a file shipped in the package (``marval_rl/assets``), so recipes work from any directory.
 """
 from __future__ import annotations
 
@@ -53,12 +53,133 @@ class SampleSection:
 
 
 @dataclass
+class DataSection:
+    """Training images: rendered emoji entities (offline), an ImageFolder tree, or cached VAE latents."""
+    source: str = "emoji"              # emoji | imagefolder | latents
+    root: str = ""                     # imagefolder: the tree's root; latents: the cache file
+    image_size: int = 32
+    per_class: int = 64                # emoji: renders per class in the train split
+    augment: str = "full"              # emoji augmentation preset: none | light | full
+    classes: list = field(default_factory=list)  # emoji: subset of class ids (relabelled 0..K-1); empty = all
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class OptimSection:
+    """AdamW + linear warm-up then constant lr, grad clipping, EMA (MAR's recipe, scaled down)."""
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.02
+    warmup_steps: int = 100
+    grad_clip: float = 3.0
+    ema: float = 0.999
+
+
+@dataclass
+class VAETrainSection:
+    config: dict = field(default_factory=lambda: {
+        "embed_dim": 16, "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "resolution": 32,
+        "attn_resolutions": [], "z_channels": 16, "num_groups": 16, "latent_scale": 1.0})
+    optim: OptimSection = field(default_factory=lambda: OptimSection(steps=2000, batch_size=32, lr=2e-3,
+                                                                    weight_decay=0.0, warmup_steps=100, ema=0.0))
+    kl_weight: float = 1e-6
+    auto_latent_scale: bool = True     # set latent_scale = 1/std of train latents (MAR's 0.2325 idea)
+
+
+@dataclass
+class MARTrainSection:
+    config: dict = field(default_factory=lambda: {
+        "img_size": 32, "vae_stride": 4, "encoder_embed_dim": 192, "encoder_depth": 4,
+        "encoder_num_heads": 6, "decoder_embed_dim": 192, "decoder_depth": 4, "decoder_num_heads": 6,
+        "buffer_size": 8, "class_num": 56, "diffloss_d": 3, "diffloss_w": 256,
+        "attn_dropout": 0.0, "proj_dropout": 0.0, "label_drop_prob": 0.1})
+    optim: OptimSection = field(default_factory=lambda: OptimSection(steps=6000, lr=1e-3, warmup_steps=300,
+                                                                    ema=0.999))
+
+
+@dataclass
+class ClassifierTrainSection:
+    optim: OptimSection = field(default_factory=lambda: OptimSection(steps=1500, lr=2e-3, weight_decay=0.01,
+                                                                    warmup_steps=50, ema=0.0, batch_size=128))
+    test_per_class: int = 16
+
+
+@dataclass
+class ClipTrainSection:
+    """The embedded CLIP (open_clip architecture, tiny config) trained contrastively on emoji renders."""
+    config: dict = field(default_factory=dict)   # model config overrides; defaults live in rewards/embedded_clip.py
+    optim: OptimSection = field(default_factory=lambda: OptimSection(steps=600, lr=2e-3, weight_decay=0.1,
+                                                                    warmup_steps=50, ema=0.0, batch_size=112))
+    test_per_class: int = 16
+
+
+@dataclass
+class PretrainSection:
+    stages: list = field(default_factory=lambda: ["vae", "mar"])  # vae | mar | classifier | clip
+    vae: VAETrainSection = field(default_factory=VAETrainSection)
+    mar: MARTrainSection = field(default_factory=MARTrainSection)
+    classifier: ClassifierTrainSection = field(default_factory=ClassifierTrainSection)
+    clip: ClipTrainSection = field(default_factory=ClipTrainSection)
+    log_every: int = 50
+    sample_every: int = 1000           # sample grids (MAR) / reconstruction grids (VAE); 0 = off
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+@dataclass
+class DistillSection:
+    """GSIM distillation of the teacher's diffusion head into a one-step head (docs/distill.md)."""
+    guidance_w: float = 1.2            # paper's w: teacher score (1 + w) S(c) - w S(null) (MAR cfg = 1 + w)
+    huber_r: float = 1e-5              # pseudo-Huber constant r (paper: 1e-5)
+    huber_axis: str = "token"          # norm over each 16-d token | over all masked tokens of a sample
+    detach_dprime: bool = False        # False = exact gradient (Gradient Equivalent Theorem)
+    t_min: int = 20                    # generator-loss timesteps ~ U{t_min..t_max} (1000-step scale)
+    t_max: int = 980
+    time_weight: str = "sigma"         # sigma: w(t) = sqrt(1 - ab_t), the loss in eps units | none
+    init_timestep: int = 950           # g_theta = x0-prediction of the teacher head at t*
+    train_backbone: bool = False       # False: only the head trains; the teacher's z is the condition
+    fake_steps_per_gen: int = 1        # auxiliary-score updates per generator update
+    mask_ratio_min: Optional[float] = None  # context masks ~ N(1, .25) on [min, 1]; None = teacher's
+    generator_optim: OptimSection = field(default_factory=lambda: OptimSection(
+        steps=2000, batch_size=32, lr=1e-4, betas=[0.0, 0.999], weight_decay=0.0, warmup_steps=0,
+        grad_clip=1.0, ema=0.99))
+    fake_optim: OptimSection = field(default_factory=lambda: OptimSection(
+        steps=2000, batch_size=32, lr=1e-4, betas=[0.0, 0.999], weight_decay=0.0, warmup_steps=0,
+        grad_clip=1.0, ema=0.0))
+    log_every: int = 25
+    sample_every: int = 500
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+@dataclass
+class EvaluateSection:
+    per_class: int = 10                # samples per class
+    classes: list = field(default_factory=list)  # class ids; empty = all
+    classifier: str = "${asset:embedded/classifier}"
+    fid_stats: str = "${asset:embedded/fid}"
+    batch_size: int = 64
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     vae: VAESection = field(default_factory=VAESection)
     sample: SampleSection = field(default_factory=SampleSection)
+    data: DataSection = field(default_factory=DataSection)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     device: str = "cpu"
-    output_dir: str = "outputs/samples"
+    output_dir: str = "outputs/run"
+
+
+def asset_path(name: str = "") -> str:
+    """Path of a file shipped inside the package (``marval_rl/assets/NAME``); ``${asset:NAME}`` in recipes."""
+    return str(Path(__file__).parent / "assets" / name)
 
 
 def _check_keys(schema: type, data: Any, prefix: str = "") -> None:
@@ -86,6 +207,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), schem
     # omegaconf 2.4 renamed register_new_resolver; resolution happens below, inside this call.
     register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
     register("recipe_dir", lambda: recipe_dir, replace=True)
+    register("asset", asset_path, replace=True)
     layers = []
     if path is not None:
         if not Path(path).is_file():
