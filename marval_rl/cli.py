@@ -128,6 +128,14 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from marval_rl.rl.controller import run_training
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_training(recipe, use_ray=False if args.no_ray else None)
+    return 0
+
+
 def token_sampler_for(model, head_steps):
     """The recipe's token sampler: the model's own (diffusion chain / one step) or a k-step chain."""
     from marval_rl.sampling import DiffusionSampler
@@ -178,10 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
                                ("sample", cmd_sample, "sample images from the recipe's generator"),
                                ("pretrain", cmd_pretrain, "train the VAE / MAR teacher / evaluators"),
                                ("distill", cmd_distill, "GSIM-distill a MAR teacher into a one-step MARVAL student"),
+                               ("train", cmd_train, "RL post-training of a MARVAL policy (Ray rollout workers)"),
                                ("evaluate", cmd_evaluate, "sample per class and print quality metrics")):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("recipe", help="YAML recipe file")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.cfg=2.9")
+        if name == "train":
+            sp.add_argument("--no-ray", action="store_true",
+                            help="run every rollout worker in this process (debugging, tests)")
         sp.set_defaults(fn=fn)
     return p
 

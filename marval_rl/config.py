@@ -83,7 +83,7 @@ class VAETrainSection:
     config: dict = field(default_factory=lambda: {
         "embed_dim": 16, "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "resolution": 32,
         "attn_resolutions": [], "z_channels": 16, "num_groups": 16, "latent_scale": 1.0})
-    optim: OptimSection = field(default_factory=lambda: OptimSection(steps=2000, batch_size=32, lr=2e-3,
+    optim: OptimSection = field(default_factory=lambda: OptimSection(steps=1000, batch_size=32, lr=2e-3,
                                                                     weight_decay=0.0, warmup_steps=100, ema=0.0))
     kl_weight: float = 1e-6
     auto_latent_scale: bool = True     # set latent_scale = 1/std of train latents (MAR's 0.2325 idea)
@@ -92,11 +92,11 @@ class VAETrainSection:
 @dataclass
 class MARTrainSection:
     config: dict = field(default_factory=lambda: {
-        "img_size": 32, "vae_stride": 4, "encoder_embed_dim": 192, "encoder_depth": 4,
-        "encoder_num_heads": 6, "decoder_embed_dim": 192, "decoder_depth": 4, "decoder_num_heads": 6,
-        "buffer_size": 8, "class_num": 56, "diffloss_d": 3, "diffloss_w": 256,
+        "img_size": 32, "vae_stride": 4, "encoder_embed_dim": 128, "encoder_depth": 3,
+        "encoder_num_heads": 4, "decoder_embed_dim": 128, "decoder_depth": 3, "decoder_num_heads": 4,
+        "buffer_size": 8, "class_num": 56, "diffloss_d": 3, "diffloss_w": 192,
         "attn_dropout": 0.0, "proj_dropout": 0.0, "label_drop_prob": 0.1})
-    optim: OptimSection = field(default_factory=lambda: OptimSection(steps=6000, lr=1e-3, warmup_steps=300,
+    optim: OptimSection = field(default_factory=lambda: OptimSection(steps=3000, lr=1e-3, warmup_steps=200,
                                                                     ema=0.999))
 
 
@@ -156,6 +156,50 @@ class DistillSection:
 
 
 @dataclass
+class RewardSpec:
+    """One reward: a registry name ("clip_score", ...) or "path/to/file.py:Class" / "pkg.module:Class"."""
+    name: str = ""
+    weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainSection:
+    """RL post-training of a MARVAL policy (docs/rl.md)."""
+    algorithm: str = "reward_gradient"   # reward_gradient | policy_gradient
+    rewards: list[RewardSpec] = field(default_factory=list)   # optimised (weighted sum)
+    gold: list[RewardSpec] = field(default_factory=list)      # held-out: computed and logged, never optimised
+    iterations: int = 30
+    num_workers: int = 2                 # rollout workers (Ray actors, or in-process with --no-ray)
+    rollouts_per_worker: int = 8         # images per worker per iteration
+    group_size: int = 4                  # G samples per prompt (policy gradient's group-normalised advantages)
+    num_iter: int = 8                    # K AR iterations of the policy
+    classes: list = field(default_factory=list)  # class ids prompts are drawn from; empty = all
+    prompt_template: str = "photo"       # key of marval_rl.data.prompts.TEMPLATES or a string with {}
+    class_names: list = field(default_factory=list)  # entity names per class id; empty = emoji-56 / ImageNet
+    explore_std: Optional[float] = None  # Gaussian action std; None = 0 (reward gradient) / 0.05 (policy gradient)
+    grad_last_k: Optional[int] = None    # reward gradient: backprop through the last k AR steps (None = all)
+    grad_checkpointing: bool = False     # activation checkpointing in the backbone blocks
+    train_backbone: bool = False         # False: only the one-step head trains
+    reg_weight: float = 1.0              # reward gradient: anchor |g_theta - g_ref|^2 to the distilled policy
+    kl_weight: float = 0.0               # policy gradient: closed-form KL to the distilled policy
+    clip_range: float = 0.2              # policy gradient: PPO ratio clip
+    ppo_epochs: int = 2                  # policy gradient: inner updates per batch
+    optim: OptimSection = field(default_factory=lambda: OptimSection(
+        steps=0, batch_size=8, lr=1e-5, betas=[0.9, 0.999], weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
+        ema=0.0))
+    grid_every: int = 10
+    checkpoint_every: int = 10
+    seed: int = 0
+    use_ray: bool = True                 # False (or --no-ray): every worker runs in this process
+    ray_address: str = ""                # "" = start a local cluster; "auto" / "ray://host:port" = join one
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    worker_threads: int = 1              # torch threads per rollout worker
+    wandb: str = "off"                   # off | offline | online (needs the wandb extra)
+
+
+@dataclass
 class EvaluateSection:
     per_class: int = 10                # samples per class
     classes: list = field(default_factory=list)  # class ids; empty = all
@@ -173,6 +217,7 @@ class Recipe:
     pretrain: PretrainSection = field(default_factory=PretrainSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    train: TrainSection = field(default_factory=TrainSection)
     device: str = "cpu"
     output_dir: str = "outputs/run"
 

@@ -33,9 +33,9 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_prefixes: tuple
 
 
 def make_optimizer(model: nn.Module, optim: OptimSection, no_decay_prefixes=()) -> torch.optim.AdamW:
-    if optim.lr <= 0 or optim.steps < 1 or optim.batch_size < 1:
-        raise ValueError(f"optim needs lr > 0, steps >= 1, batch_size >= 1; got lr={optim.lr}, "
-                         f"steps={optim.steps}, batch_size={optim.batch_size}")
+    if optim.lr <= 0 or optim.batch_size < 1:
+        raise ValueError(f"optim needs lr > 0 and batch_size >= 1; got lr={optim.lr}, "
+                         f"batch_size={optim.batch_size}")
     return torch.optim.AdamW(param_groups(model, optim.weight_decay, no_decay_prefixes), lr=optim.lr,
                              betas=tuple(optim.betas))
 

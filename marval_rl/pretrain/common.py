@@ -29,6 +29,8 @@ def run_loop(*, name: str, model: torch.nn.Module, optim: OptimSection, out_dir:
 
     Returns the model to ship (the EMA copy when ``optim.ema > 0``) and the last logged metrics.
     """
+    if optim.steps < 1:
+        raise ValueError(f"[{name}] optim.steps must be >= 1, got {optim.steps}")
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / f"{name}_train_state.pt"
     optimizer = make_optimizer(model, optim, no_decay_prefixes)

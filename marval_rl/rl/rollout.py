@@ -1,0 +1,123 @@
+"""``RolloutWorker``: samples images from the current policy, decodes and scores them.
+
+The same class runs in-process (tests, ``--no-ray``) and as a Ray actor (``ray.remote(RolloutWorker)``
+in ``controller.py``). A worker only ever receives versioned weights and rollout requests, and only
+returns typed batches: it never sees the trainer.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from marval_rl.config import ModelSection, RewardSpec, VAESection
+from marval_rl.rl.batch import PolicyWeights, RolloutBatch, RolloutRequest, checksum
+from marval_rl.rl.policy import GaussianPolicySampler
+from marval_rl.sampling import sample_tokens
+
+
+class StaleWeightsError(RuntimeError):
+    """A request names a policy version the worker does not hold, or weights failed their checksum."""
+
+
+def class_names_for(num_classes: int) -> list[str]:
+    """Entity names of the label space: the 56 emoji classes or the 1000 ImageNet classes."""
+    from marval_rl.data import class_names
+    from marval_rl.data.prompts import imagenet_class_names
+
+    emoji = class_names()
+    if num_classes == len(emoji):
+        return emoji
+    if num_classes == 1000:
+        return imagenet_class_names()
+    raise ValueError(f"no class names known for a {num_classes}-class model (56 emoji or 1000 ImageNet "
+                     f"classes); give them as train.class_names")
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs to build itself; plain data, so it pickles to Ray actors."""
+    model: ModelSection
+    vae: VAESection
+    rewards: list[RewardSpec]
+    gold: list[RewardSpec] = field(default_factory=list)
+    num_iter: int = 8
+    explore_std: float = 0.0
+    prompt_template: str = "photo"
+    class_names: list = field(default_factory=list)
+    device: str = "cpu"
+    threads: int = 1
+
+
+class RolloutWorker:
+    def __init__(self, spec: WorkerSpec, worker_id: int = 0):
+        from marval_rl.loading import load_generator, load_vae
+        from marval_rl.rl.rewards import RewardSet
+
+        torch.set_num_threads(max(1, spec.threads))
+        self.spec, self.worker_id = spec, worker_id
+        self.policy = load_generator(spec.model, spec.device, expected="marval").requires_grad_(False)
+        self.vae = load_vae(spec.vae, spec.device)
+        if self.vae is None:
+            raise ValueError("rollout workers need vae.checkpoint to decode images")
+        self.vae.requires_grad_(False)
+        self.rewards = RewardSet(spec.rewards, spec.gold, spec.device)
+        self.names = list(spec.class_names) or class_names_for(self.policy.config.class_num)
+        if len(self.names) != self.policy.config.class_num:
+            raise ValueError(f"{len(self.names)} class names for a {self.policy.config.class_num}-class policy")
+        self.sampler = GaussianPolicySampler(self.policy.one_step, spec.explore_std)
+        self.version = -1
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def set_weights(self, weights: PolicyWeights) -> int:
+        if checksum(weights.state) != weights.checksum:
+            raise StaleWeightsError(f"worker {self.worker_id}: weights of version {weights.version} failed "
+                                    f"their checksum (corrupted in transit)")
+        own = self.policy.state_dict()
+        bad = [k for k, v in weights.state.items() if k not in own or own[k].shape != v.shape]
+        if bad:
+            raise StaleWeightsError(f"worker {self.worker_id}: weights do not fit the policy: {bad[:5]}")
+        self.policy.load_state_dict(weights.state, strict=False)
+        self.version = weights.version
+        return self.version
+
+    @torch.no_grad()
+    def rollout(self, request: RolloutRequest) -> RolloutBatch:
+        if request.version != self.version:
+            raise StaleWeightsError(f"worker {self.worker_id} holds policy version {self.version}, "
+                                    f"request is for version {request.version}")
+        from marval_rl.data.prompts import class_prompts
+
+        t0 = time.perf_counter()
+        labels = torch.tensor(request.class_ids, dtype=torch.int64)
+        prompts = class_prompts(request.class_ids, self.names, self.spec.prompt_template)
+        res = sample_tokens(self.policy, labels=labels, num_iter=self.spec.num_iter,
+                            generator=torch.Generator().manual_seed(request.seed), token_sampler=self.sampler)
+        images = ((self.vae.decode_tokens(res.tokens) + 1) / 2).clamp(0, 1)
+        t1 = time.perf_counter()
+        rewards = self.rewards.score_all(images, prompts, {"class_ids": labels})
+        t2 = time.perf_counter()
+        return RolloutBatch(version=self.version, worker_id=self.worker_id, class_ids=labels, prompts=prompts,
+                            tokens=res.tokens.cpu(), images=(images * 255).round().to(torch.uint8).cpu(),
+                            rewards={k: v.cpu() for k, v in rewards.items()},
+                            record=res.record, old_logprobs=self._old_logprobs(res.record),
+                            seconds={"rollout": t1 - t0, "reward": t2 - t1})
+
+    def _old_logprobs(self, record) -> torch.Tensor | None:
+        """log pi_old(a) per AR step and sample, in closed form from the exploration draws xi:
+        a = mu + std * xi  =>  log N(a; mu, std^2) = sum(-xi^2 / 2) - C log(std sqrt(2 pi))."""
+        std = self.spec.explore_std
+        if std == 0:
+            return None
+        bsz = record.predicted[0].shape[0]
+        out = []
+        for draws, pred in zip(record.noise, record.predicted):
+            xi = draws[1]
+            lp = (-0.5 * xi.square() - math.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+            out.append(torch.zeros(bsz).index_add(0, pred.nonzero(as_tuple=True)[0].cpu(), lp.cpu()))
+        return torch.stack(out)
