@@ -46,10 +46,11 @@ class LocalExecutor:
         pass
 
 
-def make_requests(recipe: Recipe, version: int, iteration: int, num_classes: int) -> list[RolloutRequest]:
+def make_requests(recipe: Recipe, version: int, iteration: int, num_classes: int,
+                  rank: int = 0) -> list[RolloutRequest]:
     """Class ids and seeds for each worker; groups of G identical prompts for policy gradient."""
     s = recipe.train
-    g = torch.Generator().manual_seed(s.seed * 1_000_003 + iteration)
+    g = torch.Generator().manual_seed((s.seed * 1_000_003 + iteration) * 1009 + rank)
     classes = torch.tensor([int(c) for c in s.classes] or list(range(num_classes)))
     group = s.group_size if s.algorithm == "policy_gradient" else 1
     out = []
@@ -92,7 +93,10 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     from marval_rl.rl.logging import RunLogger
     from marval_rl.rl.rewards import RewardSet
 
+    from marval_rl.rl.distributed import all_mean, finish, world
+
     check_train_recipe(recipe)
+    rank, world_size = world()
     s, out = recipe.train, Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
@@ -120,7 +124,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
         executor = RayExecutor(spec, s.num_workers, s)
     else:
         executor = LocalExecutor(spec, s.num_workers)
-    logger = RunLogger(out, recipe, resume=start > 0)
+    logger = RunLogger(out, recipe, resume=start > 0) if rank == 0 else None
     t_run = time.perf_counter()
     try:
         end = s.iterations if stop_after is None else min(s.iterations, stop_after)
@@ -128,7 +132,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
             t0 = time.perf_counter()
             executor.set_weights(trainer.weights())
             t1 = time.perf_counter()
-            batches = executor.rollout(make_requests(recipe, trainer.version, it, policy.config.class_num))
+            batches = executor.rollout(make_requests(recipe, trainer.version, it, policy.config.class_num, rank))
             t2 = time.perf_counter()
             stats = trainer.update(batches)
             t3 = time.perf_counter()
@@ -140,15 +144,23 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
                        "time/worker_rollout": max(b.seconds["rollout"] for b in batches),
                        "time/worker_reward": max(b.seconds["reward"] for b in batches),
                        "rollouts_per_s": n / (t2 - t1), **stats}
+            if world_size > 1:  # rewards averaged over every rank's rollouts
+                metrics = {k: all_mean(v) if k.startswith(("reward/", "gold/")) else v for k, v in metrics.items()}
+                metrics["world_size"] = world_size
             history.append(metrics)
-            logger.log(metrics, batches if s.grid_every and (it + 1) % s.grid_every == 0 else None)
             if hasattr(executor, "report"):
                 executor.report(metrics)
+            if rank != 0:
+                continue
+            logger.log(metrics, batches if s.grid_every and (it + 1) % s.grid_every == 0 else None)
             if (s.checkpoint_every and (it + 1) % s.checkpoint_every == 0) or it + 1 == end:
                 state = {"trainer": trainer.state_dict(), "iteration": it + 1, "history": json.dumps(history)}
                 atomic_write(state_path, lambda p: torch.save(state, p))
     finally:
         executor.shutdown()
+    if rank != 0:
+        finish()
+        return {"rank": rank}
     policy_dir = save_pretrained(trainer.policy, out / "policy",
                                  metadata={"stage": "rl", "algorithm": s.algorithm, "version": trainer.version})
     keys = ["reward/total"] + [k for k in history[-1] if k.startswith(("reward/", "gold/")) and k != "reward/total"] \
@@ -161,4 +173,5 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
                "wall_seconds": round(time.perf_counter() - t_run, 2), "output_dir": str(out),
                "policy": str(policy_dir)}
     logger.finish(history, summarise(history, keys), summary)
+    finish()
     return summary

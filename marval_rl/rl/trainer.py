@@ -131,11 +131,16 @@ class RLTrainer:
 
     # ------------------------------------------------------------------------ common
     def _step(self) -> float:
+        from marval_rl.rl.distributed import average_gradients, check_in_sync
+
         clip = self.s.optim.grad_clip
-        params = [p for p in self.trainable.parameters() if p.grad is not None]
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        average_gradients(params)  # no-op in a single process
+        params = [p for p in params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        check_in_sync(self.trainable)
         return float(norm)
 
     def update(self, batches: list[RolloutBatch]) -> dict:
