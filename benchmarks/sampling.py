@@ -1,11 +1,15 @@
-"""Sampling speed of a MAR generator: time per image, split into backbone and token-sampler time.
+"""Sampling speed: MAR teacher (100-step diffusion head) vs MARVAL student (one-step head), same backbone.
 
     python benchmarks/sampling.py                                  # MAR-B, random weights, CPU
     python benchmarks/sampling.py --num-iter 8 --batch 1           # quick CPU run
     python benchmarks/sampling.py --device cuda --batch 1 64 --num-iter 64 --cfg 1.0 2.9
 
-Weights are random (the head's zero-initialised output layers are re-drawn so the chain does real
-work); speed does not depend on the values. Each configuration runs once after one warm-up call.
+Time per image is split into backbone and token-sampler (head) time. The student is built from the
+same random teacher (``MARVAL.from_teacher``) and sampled at cfg = 1, as it is used (guidance is
+distilled in); the teacher runs at every ``--cfg``. Ratios are teacher time / student time at the same
+batch and K, measured in this one run. Weights are random (the head's zero-initialised output layers
+are re-drawn so the chain does real work); speed does not depend on the values. Each configuration
+runs once after one warm-up call.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 
 from marval_rl.models import MAR
+from marval_rl.models.one_step import MARVAL, OneStepSampler
 from marval_rl.sampling import DiffusionSampler, sample_tokens
 
 
@@ -60,6 +65,7 @@ def main():
     ap.add_argument("--num-iter", type=int, nargs="+", default=[64])
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.9])
     ap.add_argument("--head-steps", type=int, nargs="+", default=[100])
+    ap.add_argument("--no-student", action="store_true", help="time the teacher only")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -68,31 +74,43 @@ def main():
     print(f"# {args.model}: {n_params / 1e6:.1f}M params, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{args.dtype}")
+    student = None if args.no_student else MARVAL.from_teacher(model).eval()
     rows = []
+
+    def run(gen_model, sampler, bsz, k, cfg, head, steps):
+        timed = TimedSampler(sampler, device)
+        labels = torch.arange(bsz) % model.config.class_num
+        sync(device)
+        t0 = time.perf_counter()
+        sample_tokens(gen_model, labels=labels, num_iter=k, cfg=cfg, token_sampler=timed,
+                      generator=torch.Generator().manual_seed(0), record_noise=False)
+        sync(device)
+        total = time.perf_counter() - t0
+        rows.append(dict(batch=bsz, num_iter=k, cfg=cfg, head=head, head_steps=steps, total_s=total,
+                         per_image_s=total / bsz, backbone_s=total - timed.seconds, head_s=timed.seconds,
+                         head_share=timed.seconds / total))
+        r = rows[-1]
+        print(f"batch {bsz:>3} K {k:>3} cfg {cfg:<4} {head} {steps:>3} steps: {r['per_image_s']:.3f} s/img "
+              f"(backbone {r['backbone_s']:.2f} s, head {r['head_s']:.2f} s)", flush=True)
+        return r
+
     with torch.inference_mode():
         sample_tokens(model, labels=[0], num_iter=2, token_sampler=DiffusionSampler(model.diffloss, 2))
-        for bsz, k, cfg, steps in itertools.product(args.batch, args.num_iter, args.cfg, args.head_steps):
-            sampler = TimedSampler(DiffusionSampler(model.diffloss, steps), device)
-            labels = torch.arange(bsz) % model.config.class_num
-            sync(device)
-            t0 = time.perf_counter()
-            sample_tokens(model, labels=labels, num_iter=k, cfg=cfg, token_sampler=sampler,
-                          generator=torch.Generator().manual_seed(0), record_noise=False)
-            sync(device)
-            total = time.perf_counter() - t0
-            rows.append(dict(batch=bsz, num_iter=k, cfg=cfg, head="diffusion", head_steps=steps,
-                             total_s=total, per_image_s=total / bsz, backbone_s=total - sampler.seconds,
-                             head_s=sampler.seconds, head_share=sampler.seconds / total))
-            r = rows[-1]
-            print(f"batch {bsz:>3} K {k:>3} cfg {cfg:<4} head {steps:>3} steps: {r['per_image_s']:.3f} s/img "
-                  f"(backbone {r['backbone_s']:.2f} s, head {r['head_s']:.2f} s)", flush=True)
+        for bsz, k in itertools.product(args.batch, args.num_iter):
+            if student is not None:
+                fast = run(student, OneStepSampler(student.one_step), bsz, k, 1.0, "one-step", 1)
+            for cfg, steps in itertools.product(args.cfg, args.head_steps):
+                slow = run(model, DiffusionSampler(model.diffloss, steps), bsz, k, cfg, "diffusion", steps)
+                if student is not None:
+                    slow["speedup_vs_student"] = slow["total_s"] / fast["total_s"]
     print()
-    print("| batch | K | cfg | head | total (s) | s / image | backbone (s) | head (s) | head share |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| batch | K | cfg | head | total (s) | s / image | backbone (s) | head (s) | head share | teacher / student |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['num_iter']} | {r['cfg']} | {r['head']} {r['head_steps']} steps | "
+        ratio = f"{r['speedup_vs_student']:.1f}x" if "speedup_vs_student" in r else ""
+        print(f"| {r['batch']} | {r['num_iter']} | {r['cfg']} | {r['head']} {r['head_steps']} | "
               f"{r['total_s']:.2f} | {r['per_image_s']:.3f} | {r['backbone_s']:.2f} | {r['head_s']:.2f} | "
-              f"{100 * r['head_share']:.0f}% |")
+              f"{100 * r['head_share']:.0f}% | {ratio} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

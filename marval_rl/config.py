@@ -94,7 +94,7 @@ class MARTrainSection:
     config: dict = field(default_factory=lambda: {
         "img_size": 32, "vae_stride": 4, "encoder_embed_dim": 128, "encoder_depth": 3,
         "encoder_num_heads": 4, "decoder_embed_dim": 128, "decoder_depth": 3, "decoder_num_heads": 4,
-        "buffer_size": 8, "class_num": 56, "diffloss_d": 3, "diffloss_w": 192,
+        "buffer_size": 8, "class_num": 56, "diffloss_d": 3, "diffloss_w": 128, "diffusion_batch_mul": 2,
         "attn_dropout": 0.0, "proj_dropout": 0.0, "label_drop_prob": 0.1})
     optim: OptimSection = field(default_factory=lambda: OptimSection(steps=3000, lr=1e-3, warmup_steps=200,
                                                                     ema=0.999))

@@ -140,8 +140,12 @@ def sample_tokens(model, bsz: int | None = None, labels=None, num_iter: int = 64
                   cfg_schedule: str = "linear", temperature: float = 1.0,
                   orders: torch.Tensor | None = None, generator: torch.Generator | None = None,
                   token_sampler: TokenSampler | None = None, replay: SampleRecord | None = None,
-                  record_noise: bool = True, progress: bool = False) -> SampleResult:
-    """Generate latents with K = ``num_iter`` AR iterations. See the module docstring."""
+                  record_noise: bool = True, progress: bool = False,
+                  grad_last_k: int | None = None) -> SampleResult:
+    """Generate latents with K = ``num_iter`` AR iterations. See the module docstring.
+
+    ``grad_last_k``: when autograd is on, only the last k AR steps are recorded for backprop (earlier
+    steps run under no_grad): truncated backprop through the AR loop, to bound memory."""
     if replay is not None:
         labels, orders = replay.labels, replay.orders
         num_iter, cfg, cfg_schedule, temperature = (replay.num_iter, replay.cfg,
@@ -180,27 +184,37 @@ def sample_tokens(model, bsz: int | None = None, labels=None, num_iter: int = 64
     mask = torch.ones(bsz, L, device=device)
     null = model.fake_latent.expand(bsz, -1)
     for step in tqdm(range(num_iter), disable=not progress, desc="AR steps", leave=False):
-        if cfg != 1.0:
-            z = model.forward_mae_decoder(
-                model.forward_mae_encoder(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
-                                          torch.cat([model.class_embedding(labels, bsz), null])),
-                torch.cat([mask, mask]))
-            z_cond, z_uncond = z[:bsz], z[bsz:]
-        else:
-            z_cond, z_uncond = model.condition(tokens, mask, labels), None
-
-        mask_len = mask_len_after_step(step, num_iter, L, int(mask[0].sum()))
-        mask_next = model.mask_from_orders(orders, mask_len)
-        predict = mask.bool() if step == num_iter - 1 else mask.bool() & ~mask_next.bool()
-        cfg_iter = cfg_at_step(cfg, cfg_schedule, mask_len, L)
-
-        rng.begin_step(step)
-        rows = predict.nonzero(as_tuple=True)  # batch-major, positions increasing (official order)
-        new = sampler(z_cond[rows], None if z_uncond is None else z_uncond[rows], cfg_iter,
-                      temperature, rng.randn)
-        tokens = tokens.index_put(rows, new.to(tokens.dtype))
-        mask = mask_next
-        record.predicted.append(predict)
-        record.cfg_per_step.append(cfg_iter)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and
+                                    (grad_last_k is None or step >= num_iter - grad_last_k)):
+            tokens, mask = _ar_step(model, step, tokens, mask, labels, null, orders, bsz, num_iter, cfg,
+                                    cfg_schedule, temperature, sampler, rng, record)
     record.noise = rng.steps
     return SampleResult(tokens=model.unpatchify(tokens), record=record)
+
+
+def _ar_step(model, step, tokens, mask, labels, null, orders, bsz, num_iter, cfg, cfg_schedule,
+             temperature, sampler, rng, record):
+    """One AR iteration: condition, decide what to unmask, draw those tokens."""
+    L = model.seq_len
+    if cfg != 1.0:
+        z = model.forward_mae_decoder(
+            model.forward_mae_encoder(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
+                                      torch.cat([model.class_embedding(labels, bsz), null])),
+            torch.cat([mask, mask]))
+        z_cond, z_uncond = z[:bsz], z[bsz:]
+    else:
+        z_cond, z_uncond = model.condition(tokens, mask, labels), None
+
+    mask_len = mask_len_after_step(step, num_iter, L, int(mask[0].sum()))
+    mask_next = model.mask_from_orders(orders, mask_len)
+    predict = mask.bool() if step == num_iter - 1 else mask.bool() & ~mask_next.bool()
+    cfg_iter = cfg_at_step(cfg, cfg_schedule, mask_len, L)
+
+    rng.begin_step(step)
+    rows = predict.nonzero(as_tuple=True)  # batch-major, positions increasing (official order)
+    new = sampler(z_cond[rows], None if z_uncond is None else z_uncond[rows], cfg_iter,
+                  temperature, rng.randn)
+    tokens = tokens.index_put(rows, new.to(tokens.dtype))
+    record.predicted.append(predict)
+    record.cfg_per_step.append(cfg_iter)
+    return tokens, mask_next
