@@ -1,0 +1,281 @@
+"""The reward interface: ``RewardModel`` (validation around a subclass's ``score``) and torch preprocessing.
+
+Conventions shared by every reward:
+
+* ``images``: float tensor ``[B, 3, H, W]`` with values in ``[0, 1]`` (a tolerance of 1e-3 absorbs decoder
+  round-off), possibly requiring grad. Any resolution: each reward resizes to its model's input size itself.
+* ``prompts``: ``list[str]`` of length B (text rewards require it; others ignore it).
+* ``metadata``: dict, e.g. ``{"class_ids": LongTensor[B]}`` (class ids of the generator's label space; for the
+  embedded emoji generator, the 56 emoji classes).
+* output: float tensor ``[B]`` (higher is better), on the device the images came from.
+
+Preprocessing (resize with antialias, centre crop, normalise) is done in torch, so a reward declared
+``differentiable`` passes gradients back to the pixels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RewardError", "RewardModel", "resize_center_crop", "normalize", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RANGE_TOLERANCE = 1e-3
+
+
+class RewardError(ValueError):
+    """A reward that cannot be built, or inputs / outputs a reward cannot accept."""
+
+
+class RewardModel(nn.Module):
+    """Base class of every reward. Subclasses set the class attributes and implement :meth:`score`.
+
+    ``__call__`` validates the inputs, moves the images to the reward's device, runs ``score`` (under
+    ``no_grad`` unless the reward is differentiable), and validates the output. Rewards are frozen scorers:
+    their parameters do not require grad and they stay in eval mode even if a parent calls ``.train()``
+    (set ``frozen = False`` in a subclass that is meant to be trained).
+    """
+
+    name: str = "reward"
+    differentiable: bool = False   # d reward / d images is meaningful (no PIL, argmax, ... in the path)
+    set_level: bool = False        # True: a sample's value depends on the whole batch (FID-proxy)
+    requires_prompts: bool = False
+    requires_class_ids: bool = False
+    frozen: bool = True
+
+    # ------------------------------------------------------------------ subclass API
+    def score(self, images: torch.Tensor, prompts: list[str] | None, metadata: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What the reward is, for logs and docs."""
+        return {"name": self.name, "class": f"{type(self).__module__}:{type(self).__qualname__}",
+                "differentiable": self.differentiable, "set_level": self.set_level,
+                "requires_prompts": self.requires_prompts, "requires_class_ids": self.requires_class_ids}
+
+    # ------------------------------------------------------------------ helpers
+    def freeze(self) -> "RewardModel":
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True):
+        if self.frozen:
+            mode = False
+        return super().train(mode)
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for t in self.parameters():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+    def _error(self, message: str) -> RewardError:
+        return RewardError(f"reward '{self.name}': {message}")
+
+    # ------------------------------------------------------------------ validation
+    def check_images(self, images: Any) -> None:
+        if not isinstance(images, torch.Tensor):
+            raise self._error(f"images must be a torch.Tensor [B, 3, H, W] in [0, 1], got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise self._error(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise self._error(f"images must be float in [0, 1], got dtype {images.dtype} "
+                              f"(convert uint8 with images.float() / 255)")
+        if images.shape[0] == 0:
+            raise self._error("empty batch (B = 0)")
+        if images.shape[2] == 0 or images.shape[3] == 0:
+            raise self._error(f"images have an empty spatial size {tuple(images.shape[2:])}")
+        if images.device.type == "meta":
+            return
+        x = images.detach()
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            n = int(bad.flatten(1).any(1).sum())
+            raise self._error(f"images contain NaN/Inf in {n} of {x.shape[0]} images")
+        lo, hi = torch.aminmax(x)
+        if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+            raise self._error(f"images must be in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}] "
+                              f"(images in [-1, 1] need (x + 1) / 2)")
+
+    def check_prompts(self, prompts: Any, batch: int) -> list[str] | None:
+        if prompts is None:
+            if self.requires_prompts:
+                raise self._error(f"needs prompts (a list of {batch} strings), got None")
+            return None
+        if isinstance(prompts, str):
+            raise self._error("prompts must be a list of strings, one per image, got a single str")
+        if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+            raise self._error(f"prompts must be a list of str, got {type(prompts).__name__}")
+        prompts = list(prompts)
+        if len(prompts) != batch:
+            raise self._error(f"got {len(prompts)} prompts for {batch} images (len(prompts) must equal B)")
+        empty = [i for i, p in enumerate(prompts) if not p.strip()]
+        if empty and self.requires_prompts:
+            raise self._error(f"empty prompt string at index {empty[:8]}")
+        return prompts
+
+    def check_metadata(self, metadata: Any, batch: int) -> dict:
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict):
+            raise self._error(f"metadata must be a dict, got {type(metadata).__name__}")
+        if self.requires_class_ids:
+            ids = metadata.get("class_ids")
+            if ids is None:
+                raise self._error("needs metadata['class_ids'] (a LongTensor [B] of class ids)")
+            ids = torch.as_tensor(ids)
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() != 1 or len(ids) != batch:
+                raise self._error(f"metadata['class_ids'] must be an integer tensor of shape [{batch}], got "
+                                  f"{ids.dtype} {tuple(ids.shape)}")
+            metadata = {**metadata, "class_ids": ids.long()}
+        return metadata
+
+    def check_output(self, out: Any, batch: int) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor):
+            raise self._error(f"score() must return a tensor [B], got {type(out).__name__}")
+        if out.dim() == 2 and out.shape[1] == 1:
+            out = out[:, 0]
+        if tuple(out.shape) != (batch,):
+            raise self._error(f"returned shape {tuple(out.shape)}, expected [{batch}]")
+        if not out.is_floating_point():
+            out = out.float()
+        if out.device.type != "meta":
+            nan = torch.isnan(out.detach())
+            inf = torch.isinf(out.detach())
+            if bool(nan.any()):
+                raise self._error_returned("NaN", int(nan.sum()), batch)
+            if bool(inf.any()):
+                raise self._error_returned("Inf", int(inf.sum()), batch)
+        return out
+
+    def _error_returned(self, what: str, n: int, batch: int) -> RewardError:
+        return RewardError(f"reward '{self.name}' returned {what} for {n} of {batch} images")
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, images: torch.Tensor, prompts: list[str] | None = None,
+                 metadata: dict | None = None) -> torch.Tensor:
+        self.check_images(images)
+        batch = images.shape[0]
+        prompts = self.check_prompts(prompts, batch)
+        metadata = self.check_metadata(metadata, batch)
+        device = self.device
+        x = images.to(device) if images.device != device else images
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.differentiable):
+            out = super().__call__(x, prompts, metadata)
+        out = self.check_output(out, batch)
+        return out.to(images.device) if out.device != images.device else out
+
+    def forward(self, images, prompts=None, metadata=None):  # nn.Module hooks run around this
+        return self.score(images, prompts, metadata if metadata is not None else {})
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, differentiable={self.differentiable}, set_level={self.set_level}"
+
+
+# ---------------------------------------------------------------------- preprocessing in torch
+def _size_pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def resize_center_crop(images: torch.Tensor, size: int | tuple[int, int], crop: int | tuple[int, int] | None = None,
+                       mode: str = "bicubic", resize_mode: str = "shortest", crop_rounding: str = "round",
+                       clamp: bool = True) -> torch.Tensor:
+    """Differentiable equivalent of ``Resize(size) -> CenterCrop(crop)`` on images in [0, 1].
+
+    ``resize_mode``: "shortest" (the shorter side becomes ``size``, the longer ``int(size * long / short)``,
+    torchvision's and the HF processors' rule), "longest" (fit inside, then centre-pad is *not* done; used
+    only by squash-free configs) or "squash" (resize both sides to ``size``). Resampling uses torch's
+    antialiased kernels, which follow PIL's filters, so downscaling does not alias. ``crop_rounding``:
+    "round" (torchvision's CenterCrop) or "floor" (the HF slow image processors). ``clamp`` mimics the
+    uint8 rounding range of PIL output.
+    """
+    h, w = images.shape[-2:]
+    if resize_mode == "shortest":
+        s = size if isinstance(size, int) else min(size)
+        short, long = (h, w) if h <= w else (w, h)
+        new_short, new_long = s, int(s * long / short)
+        new_hw = (new_short, new_long) if h <= w else (new_long, new_short)
+    elif resize_mode == "longest":
+        s = size if isinstance(size, int) else max(size)
+        scale = s / max(h, w)
+        new_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
+    elif resize_mode == "squash":
+        new_hw = _size_pair(size)
+    else:
+        raise ValueError(f"unknown resize_mode {resize_mode!r} (shortest | longest | squash)")
+    x = images
+    if tuple(new_hw) != (h, w):
+        smooth = mode in ("bilinear", "bicubic")
+        kw = dict(mode=mode, antialias=smooth, align_corners=False if smooth else None)
+        if smooth and clamp and new_hw[0] != h and new_hw[1] != w:
+            # PIL resamples horizontally, then vertically, clipping to the pixel range in between; doing the
+            # same brings bicubic overshoot at sharp edges in line with it (max error 1/255 instead of ~7/255).
+            x = F.interpolate(x, size=(h, new_hw[1]), **kw).clamp(0, 1)
+            x = F.interpolate(x, size=new_hw, **kw)
+        else:
+            x = F.interpolate(x, size=new_hw, **kw)
+        if clamp:
+            x = x.clamp(0, 1)
+    if crop is not None:
+        ch, cw = _size_pair(crop)
+        h, w = x.shape[-2:]
+        if (ch, cw) != (h, w):
+            if ch > h or cw > w:  # torchvision pads with zeros when the crop is larger than the image
+                pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
+                x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+                h, w = x.shape[-2:]
+            if crop_rounding == "round":
+                top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+            else:
+                top, left = (h - ch) // 2, (w - cw) // 2
+            x = x[..., top:top + ch, left:left + cw]
+    return x
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean_t) / std_t
+
+
+def interpolation_name(value: Any) -> str:
+    """Map PIL resample ints / names (HF ``resample``, open_clip ``interpolation``) to torch modes."""
+    if isinstance(value, str):
+        v = value.lower()
+        return {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "lanczos": "bicubic"}.get(v, "bicubic")
+    return {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "bicubic", 4: "bilinear", 5: "bicubic"}.get(int(value), "bicubic")
+
+
+def chunks(n: int, size: int):
+    for i in range(0, n, max(1, size)):
+        yield slice(i, min(n, i + size))
+
+
+def finite_or_raise(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise RewardError(f"{what} contains NaN/Inf")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1)
+
+
+def is_integer(x) -> bool:
+    return isinstance(x, int) or (isinstance(x, float) and math.isfinite(x) and x == int(x))
