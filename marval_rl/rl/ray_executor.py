@@ -1,0 +1,377 @@
+"""``RayExecutor``: rollout workers as Ray actors, behind the same interface as ``LocalExecutor``.
+
+This is the only module of marval-rl that imports Ray (docs/ray.md).
+
+* Cluster: ``ray.init(address="local", ...)`` starts a private local cluster sized for the workers
+  (``num_workers x worker_threads`` CPUs) with the dashboard on ``train.dashboard_host`` (127.0.0.1 by
+  default); ``train.ray_address`` ("auto", "host:6379", "ray://host:10001") joins an existing one; a
+  process where Ray is already initialised is reused as it is. Only a cluster this executor started
+  is shut down by ``shutdown()``.
+* Workers: one named actor ``marval-rl-worker-<i>`` per worker (``RolloutWorker(spec, i)``, ``num_cpus =
+  train.worker_threads``).
+* Weights: ``set_weights`` puts the ``PolicyWeights`` into the object store once and hands the same
+  ObjectRef to every actor; every actor verifies the checksum (``StaleWeightsError`` otherwise).
+* Faults: an actor that dies (``RayActorError`` / ``ActorDiedError``, a crashed worker process) is
+  replaced by a new actor with the same worker id, brought to the current weights, and its calls are
+  redone, at most ``max_retries`` times per call. Errors raised *inside* a worker (a stale request,
+  bad weights, a NaN reward) are not faults of the process and propagate unchanged.
+* Metrics: ``report(metrics)`` sets ``ray.util.metrics`` gauges (``marval_rl_rollouts_per_s``,
+  ``marval_rl_reward_mean``, ``marval_rl_version_lag``, ``marval_rl_policy_version``,
+  ``marval_rl_worker_replacements``), exported by Ray's metrics agent to Prometheus with a ``ray_``
+  prefix.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, WorkerCrashedError
+
+from marval_rl.config import TrainSection
+from marval_rl.rl.batch import PolicyWeights, RolloutBatch, RolloutRequest
+from marval_rl.rl.rollout import RolloutWorker, WorkerSpec
+
+ACTOR_PREFIX = "marval-rl-worker"
+DEFAULT_DASHBOARD_PORT = 8265
+# the worker process died under the call (SIGKILL, OOM kill, segfault, node lost)
+_WORKER_DIED = (RayActorError, WorkerCrashedError)
+
+# report() key -> (gauge name, description)
+GAUGES = {
+    "rollouts_per_s": ("marval_rl_rollouts_per_s", "Rollouts (images) per second of the last iteration"),
+    "reward/total": ("marval_rl_reward_mean", "Mean optimised reward of the last iteration's rollouts"),
+    "version_lag": ("marval_rl_version_lag", "Policy versions between the rollouts and the trainer"),
+    "version": ("marval_rl_policy_version", "Policy version held by the trainer"),
+    "replacements": ("marval_rl_worker_replacements", "Rollout workers replaced after dying, in total"),
+}
+
+
+# ---------------------------------------------------------------------------------------------- auth
+def auth_token_path() -> Path:
+    """Where Ray keeps the dashboard/cluster token: ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def auth_token() -> str | None:
+    """The token Ray uses (``$RAY_AUTH_TOKEN`` first, then the token file), or None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    p = auth_token_path()
+    return p.read_text().strip() if p.is_file() else None
+
+
+def token_auth_enabled() -> bool:
+    """Whether this process runs Ray with token auth (Ray 2.60 turns it on for new local clusters)."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        return bool(is_token_auth_enabled())
+    except Exception:  # older Ray: no token auth
+        return False
+
+
+def auth_headers() -> dict[str, str]:
+    """HTTP headers for the dashboard's REST API (empty when token auth is off)."""
+    tok = auth_token() if token_auth_enabled() else None
+    return {"Authorization": f"Bearer {tok}"} if tok else {}
+
+
+def dashboard_help(url: str | None) -> list[str]:
+    """The lines printed at start: where the dashboard is and how to get past its token auth."""
+    if not url:
+        return ["[ray] no dashboard (needs ray[default]; include_dashboard is on by default)"]
+    url = url if url.startswith("http") else f"http://{url}"
+    lines = [f"[ray] dashboard: {url}"]
+    if token_auth_enabled():
+        where = "$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else str(auth_token_path())
+        lines.append(f"[ray] token auth is on: paste the token from {where} (`ray get-auth-token`) into the "
+                     f"dashboard's login prompt, or send 'Authorization: Bearer <token>'; "
+                     f"RAY_AUTH_MODE=disabled opts out (docs/ray.md)")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- init
+def _port_free(host: str, port: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Ray's own check (TIME_WAIT is free)
+            s.bind((host, port))
+        return True
+    except OSError:
+        return False
+
+
+def init_ray(section: TrainSection, num_cpus: int) -> tuple[bool, str | None]:
+    """Initialise Ray for the controller. Returns (started a local cluster here?, dashboard URL or None)."""
+    if ray.is_initialized():
+        return False, _dashboard_url()
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if section.ray_address:
+        _token_auth_for_join(section.ray_address)
+        try:
+            ctx = ray.init(address=section.ray_address, **quiet)
+        except Exception as err:
+            text = repr(err) + repr(err.__cause__)
+            if "AuthToken" in text or "Authentication" in text:
+                raise RuntimeError(
+                    f"could not join the Ray cluster at {section.ray_address}: token auth refused. Give this run "
+                    f"the cluster's token ({auth_token_path()} or RAY_AUTH_TOKEN) with RAY_AUTH_MODE=token, or "
+                    f"use RAY_AUTH_MODE=disabled on both sides (docs/ray.md)") from err
+            raise
+        return False, getattr(ctx, "dashboard_url", None) or _dashboard_url()
+    host, port = section.dashboard_host or "127.0.0.1", section.dashboard_port
+    if host in ("0.0.0.0", "::"):
+        print(f"[ray] note: the dashboard listens on every interface ({host}) as train.dashboard_host asks")
+    if port and not _port_free(host, port):
+        # another Ray (or anything) holds the port: let Ray pick the next free one from 8265 on
+        print(f"[ray] dashboard port {port} is in use; Ray picks a free port (printed below)")
+        port = None
+    # address="local": always a fresh private cluster, never someone's `ray start` cluster or $RAY_ADDRESS
+    ctx = ray.init(address="local", num_cpus=max(1, int(num_cpus)), include_dashboard=True,
+                   dashboard_host=host, dashboard_port=port or None, **quiet)
+    return True, getattr(ctx, "dashboard_url", None) or _dashboard_url()
+
+
+_JOIN_HINT = ""
+
+
+def _token_auth_for_join(address: str) -> None:
+    """Ray 2.60 picks up the token file by itself only for ``address="auto"``; with an explicit
+    "host:port" a driver without ``RAY_AUTH_MODE`` fails with InvalidAuthToken against a cluster that
+    has token auth. Turn token mode on, as "auto" does, when a token is at hand and the user has not
+    chosen a mode (a cluster started on this machine used the same token file)."""
+    global _JOIN_HINT
+    if address == "auto" or address.startswith("ray://") or os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    if not auth_token():
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # Ray without token auth
+        return
+    if maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+        _JOIN_HINT = (f" (token auth was turned on to join {address} because {auth_token_path()} exists; if "
+                      f"that cluster runs without token auth, set RAY_AUTH_MODE=disabled for this run too)")
+
+
+def _dashboard_url() -> str | None:
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        return get_dashboard_url() or None
+    except Exception:
+        return None
+
+
+def prometheus_url() -> str | None:
+    """This node's metrics agent endpoint (Prometheus text format), where the gauges appear with a
+    ``ray_`` prefix ~10 s after ``report()`` (Ray's export interval)."""
+    try:
+        node = ray._private.worker.global_worker.node
+        return f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    except Exception:
+        return None
+
+
+def _absolute_paths(spec: WorkerSpec) -> WorkerSpec:
+    """Local files named relative to the driver's directory, made absolute (an actor's cwd may differ
+    when joining a cluster started elsewhere). Names that are not existing files are left alone."""
+    spec = copy.deepcopy(spec)
+    for sec in (spec.model, spec.vae):
+        if sec.checkpoint and Path(sec.checkpoint).exists():
+            sec.checkpoint = str(Path(sec.checkpoint).resolve())
+    for r in list(spec.rewards) + list(spec.gold):
+        path, sep, cls = r.name.rpartition(":")
+        if sep and path.endswith(".py") and Path(path).is_file():
+            r.name = f"{Path(path).resolve()}:{cls}"
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------- executor
+class RayExecutor:
+    """``num_workers`` ``RolloutWorker`` actors; the interface of ``controller.LocalExecutor``."""
+
+    def __init__(self, spec: WorkerSpec, num_workers: int, section: TrainSection,
+                 max_retries: int = 3, startup_timeout_s: float = 600.0):
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.spec, self.section, self.num_workers = _absolute_paths(spec), section, num_workers
+        self.max_retries, self.startup_timeout_s = max_retries, startup_timeout_s
+        self.replacements = 0
+        self._weights: PolicyWeights | None = None
+        self._weights_ref = None
+        self._generation = [0] * num_workers
+        self.names: list[str] = [""] * num_workers
+        self.workers: list = []
+        self._closed = False
+        self._owns_ray, self.dashboard_url = init_ray(section, num_workers * max(1, section.worker_threads))
+        for line in dashboard_help(self.dashboard_url):
+            print(line)
+        try:
+            self._actor_cls = ray.remote(num_cpus=section.worker_threads, num_gpus=self._gpus_per_worker(),
+                                         max_restarts=0)(RolloutWorker)
+            self.workers = [self._spawn(i) for i in range(num_workers)]
+            self._wait_ready(list(range(num_workers)))
+            self._gauges = self._make_gauges()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -------------------------------------------------------------- actors
+    def _gpus_per_worker(self) -> float:
+        """CUDA workers must reserve GPUs (Ray hides the GPUs from actors that reserve none); workers
+        share them when there are more workers than GPUs. Ray maps each actor's GPU to ``cuda``."""
+        if not str(self.spec.device).startswith("cuda"):
+            return 0
+        total = ray.cluster_resources().get("GPU", 0)
+        if total <= 0:
+            raise RuntimeError(f"device is {self.spec.device} but the Ray cluster has no GPUs")
+        self.spec.device = "cuda"
+        return min(1.0, math.floor(total / self.num_workers * 1e4) / 1e4)  # Ray takes 4 decimals at most
+
+    def _spawn(self, i: int):
+        g = self._generation[i]
+        name = f"{ACTOR_PREFIX}-{i}" if g == 0 else f"{ACTOR_PREFIX}-{i}-r{g}"
+        try:
+            handle = self._actor_cls.options(name=name).remote(self.spec, i)
+        except ValueError:  # name taken (another executor in this job): stay readable, add a tag
+            name = f"{name}-{uuid.uuid4().hex[:6]}"
+            handle = self._actor_cls.options(name=name).remote(self.spec, i)
+        self.names[i] = name
+        return handle
+
+    def _wait_ready(self, slots: list[int]) -> None:
+        """Block until the actors in ``slots`` have built their worker (model, VAE, rewards)."""
+        refs = [self.workers[i].pid.remote() for i in slots]
+        try:
+            ray.get(refs, timeout=self.startup_timeout_s)
+        except GetTimeoutError:
+            raise RuntimeError(
+                f"rollout workers did not start within {self.startup_timeout_s:.0f} s; each needs "
+                f"{self.section.worker_threads} CPU(s) and the cluster has {ray.available_resources().get('CPU', 0)} "
+                f"free (lower train.num_workers / train.worker_threads)") from None
+        except _WORKER_DIED as err:
+            raise RuntimeError(f"a rollout worker failed to start: {err}{_JOIN_HINT}") from err
+
+    def _replace(self, i: int, reason: BaseException, restore) -> None:
+        """A new actor for worker id ``i`` (the old one died). ``restore`` = (weights ObjectRef, version)
+        to load first; calls to one actor run in submission order, so it holds them before any redo."""
+        old_name = self.names[i]
+        try:
+            ray.kill(self.workers[i], no_restart=True)
+        except Exception:
+            pass
+        self._generation[i] += 1
+        self.replacements += 1
+        self.workers[i] = self._spawn(i)
+        if restore is not None:
+            self.workers[i].set_weights.remote(restore[0])
+        text = str(reason).strip()
+        first = text.splitlines()[0][:160] if text else ""
+        print(f"[ray] rollout worker {i} ({old_name}) died ({type(reason).__name__}: {first}); replaced by "
+              f"{self.names[i]}" + (f" at policy version {restore[1]}" if restore is not None else "")
+              + ", redoing its work")
+
+    def _gather(self, jobs: list[tuple[int, Callable]], restore) -> list:
+        """Run ``fn(actor)`` for each (worker slot, fn); results in job order. A job whose actor dies
+        is redone on a replacement actor (which first loads ``restore``), up to ``max_retries`` times."""
+        results: list = [None] * len(jobs)
+        attempts = [0] * len(jobs)
+        pending: dict = {}
+
+        def submit(j: int) -> None:
+            slot, fn = jobs[j]
+            handle = self.workers[slot]
+            pending[fn(handle)] = (j, handle)
+
+        for j in range(len(jobs)):
+            submit(j)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            j, handle = pending.pop(done[0])
+            try:
+                results[j] = ray.get(done[0])
+            except _WORKER_DIED as err:
+                slot = jobs[j][0]
+                if getattr(err, "actor_init_failed", False):
+                    raise RuntimeError(f"rollout worker {slot} could not be built: {err}") from err
+                attempts[j] += 1
+                if attempts[j] > self.max_retries:
+                    raise RuntimeError(f"rollout worker {slot} died {attempts[j]} times on the same call; "
+                                       f"giving up (last error: {err})") from err
+                if self.workers[slot] is handle:  # first failure seen from this actor: replace it
+                    self._replace(slot, err, restore)
+                # (its other queued calls fail the same way and land here too, then go to the new actor)
+                submit(j)
+        return results
+
+    def _restore(self):
+        return None if self._weights_ref is None else (self._weights_ref, self._weights.version)
+
+    # -------------------------------------------------------------- executor interface
+    def set_weights(self, weights: PolicyWeights) -> None:
+        """One ``ray.put`` of the weights; every actor loads them from the same ObjectRef."""
+        ref = ray.put(weights)
+        versions = self._gather([(i, lambda h: h.set_weights.remote(ref)) for i in range(self.num_workers)],
+                                restore=None)  # a replacement simply gets this call again
+        bad = [v for v in versions if v != weights.version]
+        if bad:
+            raise RuntimeError(f"workers report versions {versions} after set_weights({weights.version})")
+        self._weights, self._weights_ref = weights, ref
+
+    def rollout(self, requests: list[RolloutRequest]) -> list[RolloutBatch]:
+        """Request i on worker i mod N; batches in request order."""
+        if self._weights_ref is None:
+            raise RuntimeError("set_weights() must come before rollout()")
+        jobs = [(k % self.num_workers, (lambda r: (lambda h: h.rollout.remote(r)))(req))
+                for k, req in enumerate(requests)]
+        return self._gather(jobs, restore=self._restore())
+
+    def pids(self) -> list[int]:
+        """OS pids of the worker actors (a dead one is replaced first)."""
+        return self._gather([(i, lambda h: h.pid.remote()) for i in range(self.num_workers)],
+                            restore=self._restore())
+
+    # -------------------------------------------------------------- metrics
+    def _make_gauges(self) -> dict:
+        try:
+            from ray.util.metrics import Gauge
+
+            return {k: Gauge(name, description=desc) for k, (name, desc) in GAUGES.items()}
+        except Exception as err:  # e.g. a ray:// client driver
+            print(f"[ray] custom metrics unavailable here ({type(err).__name__}: {err})")
+            return {}
+
+    def report(self, metrics: dict) -> None:
+        """Set the dashboard/Prometheus gauges from one iteration's metrics."""
+        values = {**metrics, "replacements": self.replacements}
+        for key, gauge in getattr(self, "_gauges", {}).items():
+            v = values.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                gauge.set(float(v))
+
+    def shutdown(self) -> None:
+        """Kill the actors; stop Ray only if this executor started it."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self.workers:
+            try:
+                ray.kill(h, no_restart=True)
+            except Exception:
+                pass
+        self.workers = []
+        self._weights_ref = None
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
