@@ -217,19 +217,22 @@ def test_docs_custom_reward(tmp_path, monkeypatch, held_out):
     """Does exactly what docs/rewards.md "Add your own reward" says: the class in a file, named in a recipe."""
     from omegaconf import OmegaConf
 
+    from marval_rl.config import load_recipe
+    from marval_rl.rl.rewards import RewardSet
+
     (tmp_path / "my_reward.py").write_text(_doc_block("my_reward.py"))
-    recipe = OmegaConf.to_container(OmegaConf.create(_doc_block("recipe")))
+    (tmp_path / "recipe.yaml").write_text(_doc_block("recipe"))
     monkeypatch.chdir(tmp_path)
+    specs = load_recipe(tmp_path / "recipe.yaml").train.rewards   # the real recipe loader
     images, labels = held_out
     prompts = class_prompts(labels, class_names(), "paper")
-    built = [build_reward(spec) for spec in recipe["rewards"]]
+    built = [build_reward(s.name, **s.kwargs) for s in specs]
     assert built[0].name == "brightness" and built[0].target == 0.6
     out = built[0](images)
     assert out.shape == (len(images),) and (out <= 0).all()
-    # and the same list inside a composite, as the RL recipe's reward section uses it
-    comp = build_reward("composite", rewards=recipe["rewards"])
-    total = comp(images, prompts)
-    expected = sum(spec.get("weight", 1.0) * r(images, prompts) for spec, r in zip(recipe["rewards"], built))
+    # the RL trainer's view of the same list: the weighted sum it optimises
+    total, _ = RewardSet(specs).total(images, prompts, {"class_ids": labels})
+    expected = sum(s.weight * r(images, prompts) for s, r in zip(specs, built))
     torch.testing.assert_close(total, expected)
     # the Python form shown in the doc
     r = build_reward("my_reward.py:Brightness", target=0.6)
