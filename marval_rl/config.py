@@ -95,8 +95,8 @@ class MARTrainSection:
         "img_size": 32, "vae_stride": 4, "encoder_embed_dim": 128, "encoder_depth": 3,
         "encoder_num_heads": 4, "decoder_embed_dim": 128, "decoder_depth": 3, "decoder_num_heads": 4,
         "buffer_size": 8, "class_num": 56, "diffloss_d": 3, "diffloss_w": 128, "diffusion_batch_mul": 2,
-        "attn_dropout": 0.0, "proj_dropout": 0.0, "label_drop_prob": 0.1})
-    optim: OptimSection = field(default_factory=lambda: OptimSection(steps=3000, lr=1e-3, warmup_steps=200,
+        "attn_dropout": 0.0, "proj_dropout": 0.0, "label_drop_prob": 0.1, "head_clip_x0": 5.0})
+    optim: OptimSection = field(default_factory=lambda: OptimSection(steps=4000, lr=1e-3, warmup_steps=200,
                                                                     ema=0.999))
 
 
@@ -190,6 +190,7 @@ class TrainSection:
         ema=0.0))
     grid_every: int = 10
     checkpoint_every: int = 10
+    eval_per_class: int = 2              # fixed held-out prompt set (every class, fixed seed) scored at start and end; 0 = off
     seed: int = 0
     use_ray: bool = True                 # False (or --no-ray): every worker runs in this process
     ray_address: str = ""                # "" = start a local cluster; "auto" / "ray://host:port" = join one

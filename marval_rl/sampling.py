@@ -86,7 +86,8 @@ class DiffusionSampler:
             eps = net.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z_cond, z_uncond]),
                                        cfg)[:n, : x.shape[1]]
         ab = float(self.diffloss.train_diffusion.alphas_cumprod[t_top])
-        return (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5
+        x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5
+        return x0 if self.diffloss.clip_x0 is None else x0.clamp(-self.diffloss.clip_x0, self.diffloss.clip_x0)
 
     def __call__(self, z_cond, z_uncond, cfg, temperature, randn):
         if self.one_call:

@@ -90,12 +90,12 @@ def test_head_golden(head):
     with torch.no_grad():
         torch.testing.assert_close(timestep_features(g["t"]), g["t_freq"], atol=1e-5, rtol=0)
         torch.testing.assert_close(head.net.time_embed(g["t"]), g["t_emb"], atol=1e-5, rtol=0)
-        out = head.net(g["x_t"], g["t"], g["c"])
-        torch.testing.assert_close(out, g["out"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out[:, :16], g["eps"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out[:, 16:], g["var_values"], atol=1e-5, rtol=0)
+        out = head.net(g["x_t"], g["t"], g["c"])  # bit-exact with 2 threads; 1 thread reorders sums (~1e-5 rel)
+        torch.testing.assert_close(out, g["out"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:, :16], g["eps"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:, 16:], g["var_values"], atol=1e-5, rtol=1e-5)
         cfg = head.net.forward_with_cfg(g["x_t"], g["t"], g["c"], g["cfg_scale"])
-        torch.testing.assert_close(cfg, g["out_cfg"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cfg, g["out_cfg"], atol=5e-5, rtol=1e-5)  # cfg 2.5 scales the difference
         # cfg_scale as a 1-element tensor (linear cfg schedule) gives the same result.
         cfg_t = head.net.forward_with_cfg(g["x_t"], g["t"], g["c"], torch.tensor([g["cfg_scale"]]))
         torch.testing.assert_close(cfg_t, cfg, atol=0, rtol=0)

@@ -175,8 +175,12 @@ class GaussianDiffusion:
         return mean, _gather(self.posterior_variance, t, n), _gather(self.posterior_log_variance_clipped, t, n)
 
     # ----------------------------------------------------------------------------------- reverse
-    def p_mean_variance(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> dict:
-        """p(x_{t-1} | x_t) from the net output [eps_hat | v] (learned-range variance, no clipping)."""
+    def p_mean_variance(self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_x0: float | None = None) -> dict:
+        """p(x_{t-1} | x_t) from the net output [eps_hat | v] (learned-range variance).
+
+        ``clip_x0``: clamp the x0 prediction to [-clip_x0, clip_x0] (MAR never clips: None). At the
+        cosine schedule's last step x0 = x_t / sqrt(2.4e-9) - ..., so eps errors are amplified ~2e4x;
+        a head trained for hours instead of days needs the clamp to sample (see docs)."""
         self._check_t(x_t, t)
         c = x_t.shape[1]
         if model_output.shape[0] != x_t.shape[0] or model_output.shape[1] != 2 * c:
@@ -192,6 +196,8 @@ class GaussianDiffusion:
         log_variance = frac * max_log + (1 - frac) * min_log
         pred_xstart = (_gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t
                        - _gather(self.sqrt_recipm1_alphas_cumprod, t, n) * eps)
+        if clip_x0 is not None:
+            pred_xstart = pred_xstart.clamp(-clip_x0, clip_x0)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
                 "pred_xstart": pred_xstart}
@@ -222,8 +228,9 @@ class GaussianDiffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb, "net_out": net_out}
 
     def p_sample_loop(self, denoise_fn: Callable, noise: Tensor, temperature=1.0,
-                      randn: Callable | None = None, **net_kwargs) -> Tensor:
-        """Ancestral sampling from `noise` through respaced steps S-1 .. 0 (differentiable: callers pick no_grad / inference_mode).
+                      randn: Callable | None = None, clip_x0: float | None = None, **net_kwargs) -> Tensor:
+        """Ancestral sampling from `noise` through respaced steps S-1 .. 0 (differentiable: callers
+        pick no_grad / inference_mode). ``clip_x0``: see :meth:`p_mean_variance` (default off, as MAR).
 
         One draw `randn(x.shape)` is made per step, the last one included (where it is multiplied by
         0), so the random stream is consumed exactly like the reference sampler's.
@@ -235,7 +242,7 @@ class GaussianDiffusion:
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((n,), i, dtype=torch.long, device=x.device)
             t_orig = torch.full((n,), int(self.timestep_map[i]), dtype=torch.long, device=x.device)
-            out = self.p_mean_variance(denoise_fn(x, t_orig, **net_kwargs), x, t)
+            out = self.p_mean_variance(denoise_fn(x, t_orig, **net_kwargs), x, t, clip_x0)
             step_noise = randn(tuple(x.shape))
             nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
             x = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * step_noise * temperature

@@ -142,9 +142,11 @@ class DiffLoss(nn.Module):
     """MAR's diffusion head: per-token diffusion loss for training and the token sampler."""
 
     def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
-                 num_sampling_steps: str | int = "100", grad_checkpointing: bool = False):
+                 num_sampling_steps: str | int = "100", grad_checkpointing: bool = False,
+                 clip_x0: float | None = None):
         super().__init__()
         self.in_channels = target_channels
+        self.clip_x0 = clip_x0  # sampler's x0 clamp; None (never) for official models
         self.net = SimpleMLPAdaLN(target_channels, width, target_channels * 2, z_channels, depth,
                                   grad_checkpointing=grad_checkpointing)
         # Plain objects (not buffers), so the state dict only holds `net.*` as in the checkpoints.
@@ -177,7 +179,7 @@ class DiffLoss(nn.Module):
         return loss.mean()
 
     def sample(self, z: Tensor, temperature=1.0, cfg=1.0, randn: Callable | None = None,
-               diffusion: GaussianDiffusion | None = None) -> Tensor:
+               diffusion: GaussianDiffusion | None = None, clip_x0: float | None = None) -> Tensor:
         """Sample tokens for conditions z; returns all rows (with cfg != 1 keep the first half).
 
         Every Gaussian draw goes through `randn(shape)`: first the initial noise, then one draw of
@@ -186,6 +188,7 @@ class DiffLoss(nn.Module):
         if randn is None:
             randn = lambda shape: torch.randn(shape, device=z.device)  # noqa: E731
         diffusion = self.gen_diffusion if diffusion is None else diffusion
+        clip_x0 = self.clip_x0 if clip_x0 is None else clip_x0
         if z.dim() != 2 or z.shape[1] != self.net.z_channels:
             raise ValueError(f"z must be [N, {self.net.z_channels}], got {tuple(z.shape)}")
         if not cfg == 1.0:
@@ -194,7 +197,7 @@ class DiffLoss(nn.Module):
             # cond and uncond halves share the same initial noise.
             noise = randn((z.shape[0] // 2, self.in_channels))
             noise = torch.cat([noise, noise], dim=0)
-            return diffusion.p_sample_loop(self.net.forward_with_cfg, noise, temperature, randn,
+            return diffusion.p_sample_loop(self.net.forward_with_cfg, noise, temperature, randn, clip_x0,
                                            c=z, cfg_scale=cfg)
         noise = randn((z.shape[0], self.in_channels))
-        return diffusion.p_sample_loop(self.net.forward, noise, temperature, randn, c=z)
+        return diffusion.p_sample_loop(self.net.forward, noise, temperature, randn, clip_x0, c=z)

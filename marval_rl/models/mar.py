@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -55,6 +55,10 @@ class MARConfig:
     num_sampling_steps: str = "100"
     diffusion_batch_mul: int = 4
     grad_checkpointing: bool = False
+    # Not an official argument: clamp the head sampler's x0 prediction to +-head_clip_x0 (None = never,
+    # as MAR). A small head trained for minutes predicts eps at t = 999 less exactly than a released
+    # one, and the cosine schedule amplifies that error ~2e4x there (docs/embedded.md).
+    head_clip_x0: Optional[float] = None
 
     def __post_init__(self):
         self.num_sampling_steps = str(self.num_sampling_steps)
@@ -145,7 +149,7 @@ class MAR(nn.Module):
             self.diffloss = DiffLoss(target_channels=self.token_embed_dim, z_channels=dec,
                                      depth=cfg.diffloss_d, width=cfg.diffloss_w,
                                      num_sampling_steps=cfg.num_sampling_steps,
-                                     grad_checkpointing=cfg.grad_checkpointing)
+                                     grad_checkpointing=cfg.grad_checkpointing, clip_x0=cfg.head_clip_x0)
         self.diffusion_batch_mul = cfg.diffusion_batch_mul
         self.initialize_weights()
 
