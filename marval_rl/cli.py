@@ -199,7 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Options may sit between overrides (`train RECIPE --no-ray a=1 b=2`): what argparse leaves over
+    # after the option is more key=value overrides.
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
     try:
         return args.fn(args)
     except (RecipeError, CheckpointError, ValueError, FileNotFoundError) as e:

@@ -61,6 +61,17 @@ def make_requests(recipe: Recipe, version: int, iteration: int, num_classes: int
     return out
 
 
+def evaluate_policy(executor, weights: PolicyWeights, recipe: Recipe, num_classes: int) -> dict:
+    """Mean rewards on a fixed prompt set (every class x eval_per_class, fixed seed), split over workers."""
+    s = recipe.train
+    classes = [int(c) for c in s.classes] or list(range(num_classes))
+    ids = [c for c in classes for _ in range(s.eval_per_class)]
+    chunks = [ids[i::s.num_workers] for i in range(s.num_workers)]
+    requests = [RolloutRequest(weights.version, chunk, seed=10_007 + i) for i, chunk in enumerate(chunks) if chunk]
+    batches = executor.rollout(requests)
+    return {f"eval/{k}": torch.cat([b.rewards[k] for b in batches]).mean().item() for k in batches[0].rewards}
+
+
 def check_train_recipe(recipe: Recipe) -> None:
     s = recipe.train
     if s.algorithm not in ("reward_gradient", "policy_gradient"):
@@ -111,11 +122,12 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
                       device=recipe.device, threads=s.worker_threads)
     state_path = out / "rl_state.pt"
     history: list[dict] = []
-    start = 0
+    start, eval_resumed = 0, {}
     if state_path.is_file():
         state = torch_load_safely(state_path)
         trainer.load_state_dict(state["trainer"])
         history, start = json.loads(state["history"]), int(state["iteration"])
+        eval_resumed = json.loads(state.get("eval_first", "{}"))
         print(f"[train] resuming at iteration {start} ({state_path})")
     use_ray = s.use_ray if use_ray is None else use_ray
     if use_ray:
@@ -126,8 +138,12 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
         executor = LocalExecutor(spec, s.num_workers)
     logger = RunLogger(out, recipe, resume=start > 0) if rank == 0 else None
     t_run = time.perf_counter()
+    eval_first, eval_last = (eval_resumed if start else {}), {}
     try:
         end = s.iterations if stop_after is None else min(s.iterations, stop_after)
+        if s.eval_per_class and start == 0 and rank == 0:
+            executor.set_weights(trainer.weights())
+            eval_first = evaluate_policy(executor, trainer.weights(), recipe, policy.config.class_num)
         for it in tqdm(range(start, end), initial=start, total=s.iterations, desc="RL", disable=not progress):
             t0 = time.perf_counter()
             executor.set_weights(trainer.weights())
@@ -154,8 +170,12 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
                 continue
             logger.log(metrics, batches if s.grid_every and (it + 1) % s.grid_every == 0 else None)
             if (s.checkpoint_every and (it + 1) % s.checkpoint_every == 0) or it + 1 == end:
-                state = {"trainer": trainer.state_dict(), "iteration": it + 1, "history": json.dumps(history)}
+                state = {"trainer": trainer.state_dict(), "iteration": it + 1, "history": json.dumps(history),
+                         "eval_first": json.dumps(eval_first)}
                 atomic_write(state_path, lambda p: torch.save(state, p))
+        if s.eval_per_class and rank == 0 and end == s.iterations:
+            executor.set_weights(trainer.weights())
+            eval_last = evaluate_policy(executor, trainer.weights(), recipe, policy.config.class_num)
     finally:
         executor.shutdown()
     if rank != 0:
@@ -170,8 +190,12 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
                "optimised_last": history[-1]["reward/total"] if history else None,
                "gold_first": {k: v for k, v in history[0].items() if k.startswith("gold/")} if history else {},
                "gold_last": {k: v for k, v in history[-1].items() if k.startswith("gold/")} if history else {},
+               "eval_first": eval_first, "eval_last": eval_last,
                "wall_seconds": round(time.perf_counter() - t_run, 2), "output_dir": str(out),
                "policy": str(policy_dir)}
-    logger.finish(history, summarise(history, keys), summary)
+    rows = summarise(history, keys) + [{"metric": k, "first": eval_first[k], "last": eval_last[k],
+                                        "best": max(eval_first[k], eval_last[k])}
+                                       for k in eval_first if k in eval_last]
+    logger.finish(history, rows, summary)
     finish()
     return summary
