@@ -195,8 +195,9 @@ def test_run_training_on_ray(cluster, policy_dirs, tmp_path, capsys):
     assert ray.is_initialized()
     # the controller's report() reached the custom gauges: Ray's metrics agent exports them
     # (Prometheus text format, "ray_" prefix) after its ~10 s report interval
-    url, seen, deadline = prometheus_url(), {}, time.time() + 40
-    while time.time() < deadline and len(seen) < 4:
+    url, seen, deadline = prometheus_url(), {}, time.time() + 60
+    # wait for the export of the *last* report (an earlier export may still show version 1)
+    while time.time() < deadline and seen.get("ray_marval_rl_policy_version") != 2.0:
         _, body, _ = _get(url)
         seen = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
                 if line.startswith("ray_marval_rl_")}
