@@ -104,6 +104,13 @@ def load_open_clip(model: str, weights: str | None = None, pretrained: str | Non
     return clip, tokenizer, pp
 
 
+def _cosine(reward, images, prompts) -> torch.Tensor:
+    """cos(image, prompt) of unit-normalised features, clamped at 0 when the reward asks for it."""
+    img = reward.image_features(images)
+    cos = (img * reward._text(prompts).to(img.device)).sum(-1)
+    return cos.clamp(min=0) if reward.clamp_negative else cos
+
+
 class OpenCLIPScore(RewardModel):
     """CLIP score on an open_clip model (any config, including custom JSON configs).
 
@@ -153,11 +160,7 @@ class OpenCLIPScore(RewardModel):
         return torch.cat(outs)
 
     def score(self, images, prompts, metadata):
-        img = self.image_features(images)
-        cos = (img * self._text(prompts).to(img.device)).sum(-1)
-        if self.clamp_negative:
-            cos = cos.clamp(min=0)
-        return self.scale * cos
+        return self.scale * _cosine(self, images, prompts)
 
 
 # ---------------------------------------------------------------------- transformers CLIPModel
@@ -262,9 +265,5 @@ class HFCLIPScore(RewardModel):
         return torch.cat(outs)
 
     def score(self, images, prompts, metadata):
-        img = self.image_features(images)
-        cos = (img * self._text(prompts).to(img.device)).sum(-1)
-        if self.clamp_negative:
-            cos = cos.clamp(min=0)
         factor = self.model.logit_scale.exp().float() if self.use_logit_scale else self.scale
-        return factor * cos
+        return factor * _cosine(self, images, prompts)

@@ -22,3 +22,12 @@ def tiny_mar():
     from marval_rl.models import load_official_mar
 
     return load_official_mar(TINY_MAR / "checkpoint.pth", tiny_constructor())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core CPU: intra-op threads only thrash (measured 2-3x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

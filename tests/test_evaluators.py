@@ -16,13 +16,7 @@ SHIPPED_CLASSIFIER = asset_path("embedded/classifier")
 SHIPPED_FID = asset_path("embedded/fid")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a shared CPU, intra-op threads only thrash (measured 2-3x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ DOC = ROOT / "docs" / "rewards.md"
 HERE = str(Path(__file__).resolve())  # helper rewards below are named as "file.py:Class", like user rewards
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

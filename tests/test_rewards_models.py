@@ -26,12 +26,7 @@ import open_clip  # noqa: E402  (core dependencies: a missing one is an install 
 import transformers  # noqa: E402,F401
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pil_images() -> list[Image.Image]:
