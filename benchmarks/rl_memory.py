@@ -32,9 +32,7 @@ def one(args) -> dict:
     r = load_recipe(args.recipe, [f"train.grad_last_k={args.one_k}", f"device={args.device}",
                                   f"train.grad_checkpointing={args.checkpointing}", f"train.num_iter={args.num_iter}"])
     s = r.train
-    spec = WorkerSpec(model=r.model, vae=r.vae, rewards=list(s.rewards), num_iter=s.num_iter, device=r.device,
-                      prompt_template=s.prompt_template)
-    worker = RolloutWorker(spec)
+    worker = RolloutWorker(WorkerSpec.from_recipe(r))
     trainer = RLTrainer(load_generator(r.model, r.device, expected="marval"), load_vae(r.vae, r.device),
                         RewardSet(s.rewards, [], r.device), s)
     worker.set_weights(trainer.weights())

@@ -49,14 +49,9 @@ def recipe_spec(path: str, overrides: list[str]):
     """Worker spec exactly as the controller builds it from a recipe."""
     from marval_rl.config import load_recipe
     from marval_rl.rl.rollout import WorkerSpec
-    from marval_rl.rl.trainer import explore_std
 
     r = load_recipe(path, overrides)
-    s = r.train
-    spec = WorkerSpec(model=r.model, vae=r.vae, rewards=list(s.rewards), gold=list(s.gold), num_iter=s.num_iter,
-                      explore_std=explore_std(s), prompt_template=s.prompt_template, class_names=list(s.class_names),
-                      device=r.device, threads=s.worker_threads)
-    return spec, [int(c) for c in s.classes]
+    return WorkerSpec.from_recipe(r), [int(c) for c in r.train.classes]
 
 
 def initial_weights(spec):

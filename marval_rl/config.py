@@ -132,9 +132,9 @@ class PretrainSection:
 @dataclass
 class DistillSection:
     """GSIM distillation of the teacher's diffusion head into a one-step head (docs/distill.md)."""
-    guidance_w: float = 1.2            # paper's w: teacher score (1 + w) S(c) - w S(null) (MAR cfg = 1 + w)
+    cfg: float = 1.2                   # MAR's guidance scale, 1 = none: teacher eps = eps(null) + cfg (eps(c) - eps(null))
     huber_r: float = 1e-5              # pseudo-Huber constant r (paper: 1e-5)
-    huber_axis: str = "token"          # norm over each 16-d token | over all masked tokens of a sample
+    huber_axis: str = "token"          # norm over each 16-d token (t per token) | over a sample's masked tokens (one t per sample)
     detach_dprime: bool = False        # False = exact gradient (Gradient Equivalent Theorem)
     t_min: int = 20                    # generator-loss timesteps ~ U{t_min..t_max} (1000-step scale)
     t_max: int = 980
@@ -155,6 +155,17 @@ class DistillSection:
     seed: int = 0
 
 
+# Keys that were renamed: the old name fails with what it became (see ``_check_keys``).
+RENAMED_KEYS = {
+    "distill.guidance_w": ("distill.cfg", lambda w: 1 + w,
+                           "MAR's convention, 1 = no guidance; the old key meant (1 + w) eps(c) - w eps(null), "
+                           "so cfg = 1 + guidance_w"),
+    "train.train_backbone": ("train.trainable", None,
+                             "name the parameter groups that train: [head] (the old false), [all] (the old true), "
+                             "or any of head, class_embedding, backbone"),
+}
+
+
 @dataclass
 class RewardSpec:
     """One reward: a registry name ("clip_score", ...) or "path/to/file.py:Class" / "pkg.module:Class"."""
@@ -166,31 +177,42 @@ class RewardSpec:
 @dataclass
 class TrainSection:
     """RL post-training of a MARVAL policy (docs/rl.md)."""
-    algorithm: str = "reward_gradient"   # reward_gradient | policy_gradient
+    algorithm: str = "reward_gradient"   # update rule: reward_gradient | policy_gradient | "path/file.py:Class"
     rewards: list[RewardSpec] = field(default_factory=list)   # optimised (weighted sum)
     gold: list[RewardSpec] = field(default_factory=list)      # held-out: computed and logged, never optimised
     iterations: int = 30
     num_workers: int = 2                 # rollout workers (Ray actors, or in-process with --no-ray)
-    rollouts_per_worker: int = 8         # images per worker per iteration
-    group_size: int = 4                  # G samples per prompt (policy gradient's group-normalised advantages)
+    rollouts_per_worker: int = 8         # images per worker per iteration (one optimiser step per iteration)
+    group_size: int = 8                  # G samples per prompt (policy gradient's group-normalised advantages)
     num_iter: int = 8                    # K AR iterations of the policy
     classes: list = field(default_factory=list)  # class ids prompts are drawn from; empty = all
     prompt_template: str = "photo"       # key of marval_rl.data.prompts.TEMPLATES or a string with {}
     class_names: list = field(default_factory=list)  # entity names per class id; empty = emoji-56 / ImageNet
-    explore_std: Optional[float] = None  # Gaussian action std; None = 0 (reward gradient) / 0.05 (policy gradient)
-    grad_last_k: Optional[int] = None    # reward gradient: backprop through the last k AR steps (None = all)
+    trainable: list = field(default_factory=lambda: ["head"])  # parameter groups: head | class_embedding | backbone | all
+    # reward gradient
+    grad_last_k: Optional[int] = None    # backprop through the last k AR steps only (None = all K)
+    detach_context: bool = False         # earlier steps' tokens enter later steps' context detached
     grad_checkpointing: bool = False     # activation checkpointing in the backbone blocks
-    train_backbone: bool = False         # False: only the one-step head trains
-    reg_weight: float = 1.0              # reward gradient: anchor |g_theta - g_ref|^2 to the distilled policy
-    kl_weight: float = 0.0               # policy gradient: closed-form KL to the distilled policy
-    clip_range: float = 0.2              # policy gradient: PPO ratio clip
-    ppo_epochs: int = 2                  # policy gradient: inner updates per batch
+    normalize_reward: bool = True        # divide the reward by its running per-sample std (scale-free lr and reg_weight)
+    reward_norm_momentum: float = 0.1    # EMA rate of that running std (per iteration)
+    reg_weight: float = 1.0              # anchor: per-dim mean |g_theta - g_ref|^2 vs the reference MODEL, per reward std
+    # policy gradient
+    explore_std: Optional[float] = None  # Gaussian action std; None = 0 (reward gradient) / 0.1 (policy gradient)
+    explore_steps: list = field(default_factory=list)  # AR steps (0-based) that explore; empty = all
+    share_noise: bool = True             # group members share mask order and head noise: only exploration differs
+    kl_weight: float = 0.0               # closed-form per-dim KL to the reference policy
+    clip_range: float = 1e-4             # PPO clip of the per-dim-mean log-ratio (matters only for ppo_epochs > 1)
+    adv_clip: float = 5.0                # advantages clipped to +- this
+    ppo_epochs: int = 1                  # optimiser steps per rollout batch (1 = on-policy: ratio exactly 1)
     optim: OptimSection = field(default_factory=lambda: OptimSection(
         steps=0, batch_size=8, lr=1e-5, betas=[0.9, 0.999], weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
         ema=0.0))
     grid_every: int = 10
     checkpoint_every: int = 10
-    eval_per_class: int = 2              # fixed held-out prompt set (every class, fixed seed) scored at start and end; 0 = off
+    eval_per_class: int = 2              # fixed eval set (every class x eval_per_class, fixed seeds); 0 = off
+    eval_every: int = 0                  # also score the fixed eval set every N iterations (0 = start and end only)
+    eval_real: str = "auto"              # ceiling on real images: auto (held-out emoji renders for the 56-class
+                                         # embedded policy) | off
     seed: int = 0
     use_ray: bool = True                 # False (or --no-ray): every worker runs in this process
     ray_address: str = ""                # "" = start a local cluster; "auto" / "ray://host:port" = join one
@@ -235,6 +257,13 @@ def _check_keys(schema: type, data: Any, prefix: str = "") -> None:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in RENAMED_KEYS:
+            new_key, convert, why = RENAMED_KEYS[full]
+            try:
+                example = f" ({full}={value} is {new_key}={convert(float(value)):g})" if convert else ""
+            except (TypeError, ValueError):
+                example = ""
+            raise RecipeError(f"recipe key '{full}' is now '{new_key}'{example}: {why}")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""

@@ -138,7 +138,7 @@ class CompositeReward(RewardModel):
         for k, (label, weight, reward) in enumerate(zip(self.labels, self.weights, self.members)):
             raw = reward(images, prompts, metadata)
             comps[label] = raw.detach()
-            term = weight * self._normalize(k, raw.float())
+            term = weight * self._normalize(k, raw.to(torch.promote_types(raw.dtype, torch.float32)))  # fp64 stays fp64
             total = term if total is None else total + term
         with torch.no_grad():
             x = images.detach()

@@ -109,7 +109,7 @@ class TestRayWorkers:
             assert b.class_ids.tolist() == req.class_ids
             assert torch.equal(b.tokens, ref.tokens), "Ray rollout differs from the in-process rollout"
             assert torch.equal(b.images, ref.images)
-            assert torch.equal(b.rewards["total"], ref.rewards["total"])
+            assert torch.equal(b.rewards.total, ref.rewards.total)
         # the weights really travelled: version-1 tokens differ from the checkpoint's own (version 0)
         local0 = RolloutWorker(spec, 0)
         local0.set_weights(PolicyWeights.of(0, {k: v for k, v in local0.policy.state_dict().items()

@@ -11,7 +11,7 @@ from marval_rl.config import load_recipe
 from marval_rl.models import AutoencoderKL, VAEConfig, load_official_mar, save_pretrained
 from marval_rl.models.one_step import MARVAL
 from marval_rl.rl.controller import run_training
-from marval_rl.rl.trainer import group_advantages
+from marval_rl.rl.update_rules import group_advantages
 
 REWARD_FILE = Path(__file__).parent / "fixtures" / "user_rewards" / "brightness.py"
 NAMES = "[tench,goldfish,great white shark,tiger shark,hammerhead,electric ray,stingray,cock,hen,ostrich]"

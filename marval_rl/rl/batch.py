@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from marval_rl.rl.rewards import RewardRecord
 from marval_rl.sampling import SampleRecord
 
 
@@ -32,10 +33,16 @@ def checksum(state: dict[str, torch.Tensor]) -> str:
 
 @dataclass
 class RolloutRequest:
-    """What one worker should generate: one image per class id, all randomness from ``seed``."""
+    """What one worker should generate: one image per class id, all randomness from ``seed``.
+
+    ``group_size`` > 1: the class ids come in groups of identical prompts; with ``share_noise`` a group
+    shares its mask order and head noise. ``explore=False`` samples the deterministic policy (evaluation)."""
     version: int
     class_ids: list[int]
     seed: int
+    group_size: int = 1
+    share_noise: bool = False
+    explore: bool = True
 
 
 @dataclass
@@ -47,7 +54,10 @@ class RolloutBatch:
     prompts: list[str]
     tokens: torch.Tensor                # [B, C, h, w]
     images: torch.Tensor                # [B, 3, H, W] uint8 (for grids and logs)
-    rewards: dict[str, torch.Tensor]    # "total" (optimised sum), each component, gold components
+    rewards: RewardRecord               # optimised total, its parts, gold rewards (per sample)
     record: SampleRecord                # orders + every draw: replaying it reproduces `tokens`
-    old_logprobs: torch.Tensor | None   # [K, B] log pi_old of each AR step's actions (explore_std > 0)
+    old_logprobs: torch.Tensor | None   # [K, B] per-dim-mean log pi_old of each AR step's action (0 where
+                                        # a step does not explore); None without exploration
+    explored: bool = False              # sampled with explore_std > 0
+    shared_noise: bool = False          # group members shared mask order and head noise
     seconds: dict[str, float] = field(default_factory=dict)   # rollout / reward time on the worker

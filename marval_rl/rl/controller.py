@@ -1,23 +1,28 @@
 """The single controller of ``marval-rl train``: weights out, rollouts in, one update per iteration.
 
+    judge = FixedEval(...); first = judge.run(...)          # fixed prompts and seeds, deterministic policy
     for each iteration:
-        trainer.weights() --(version v, checksum)--> every RolloutWorker
-        RolloutRequest(v, class ids, seed) ---------> workers --> RolloutBatch (tokens, images,
-                                                                   rewards, replay record, log-probs)
-        trainer.update(batches)  -> version v + 1, metrics, checkpoints
+        executor.set_weights(trainer.weights())               # version v, checksum, once per iteration
+        batches = executor.rollout(make_requests(...))        # RolloutBatch: tokens, images, RewardRecord,
+                                                              #   replay record, log-probs, version
+        stats = trainer.update(batches)                       # the update rule -> version v + 1
+        log; every eval_every: judge.run; every checkpoint_every: atomic state
+    last = judge.run(...); summary, before/after image, policy
 
 Executors hide where workers live: ``LocalExecutor`` (this process; tests, ``--no-ray``) or
 ``RayExecutor`` (Ray actors, ``rl/ray_executor.py``; the only module that imports Ray).
 All randomness is derived from (train.seed, iteration, request index), and the controller's state
-(trainer weights, optimiser, version, iteration, metrics history) is checkpointed atomically, so a
-killed run resumes to the same numbers.
+(trainer weights, optimiser, version, iteration, reward normaliser, metrics and eval history, the
+first evaluation) is checkpointed atomically, so a killed run resumes to the same numbers.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -25,8 +30,21 @@ from tqdm.auto import tqdm
 from marval_rl.config import Recipe
 from marval_rl.models.checkpoints import atomic_write, save_pretrained, torch_load_safely
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch, RolloutRequest
+from marval_rl.rl.evaluation import EvalPoint, FixedEval, summarise
+from marval_rl.rl.rewards import RewardRecord
 from marval_rl.rl.rollout import RolloutWorker, WorkerSpec
 from marval_rl.rl.trainer import RLTrainer, explore_std
+from marval_rl.rl.update_rules import resolve_update_rule
+
+
+class Executor(Protocol):
+    """Where rollout workers live. ``rollout`` returns one batch per request, in request order."""
+
+    def set_weights(self, weights: PolicyWeights) -> None: ...
+
+    def rollout(self, requests: list[RolloutRequest]) -> list[RolloutBatch]: ...
+
+    def shutdown(self) -> None: ...
 
 
 class LocalExecutor:
@@ -40,7 +58,7 @@ class LocalExecutor:
             w.set_weights(weights)
 
     def rollout(self, requests: list[RolloutRequest]) -> list[RolloutBatch]:
-        return [w.rollout(r) for w, r in zip(self.workers, requests)]
+        return [self.workers[i % len(self.workers)].rollout(r) for i, r in enumerate(requests)]
 
     def shutdown(self):
         pass
@@ -48,39 +66,61 @@ class LocalExecutor:
 
 def make_requests(recipe: Recipe, version: int, iteration: int, num_classes: int,
                   rank: int = 0) -> list[RolloutRequest]:
-    """Class ids and seeds for each worker; groups of G identical prompts for policy gradient."""
+    """Class ids and seeds for each worker; groups of G identical prompts when the rule needs groups."""
     s = recipe.train
     g = torch.Generator().manual_seed((s.seed * 1_000_003 + iteration) * 1009 + rank)
     classes = torch.tensor([int(c) for c in s.classes] or list(range(num_classes)))
-    group = s.group_size if s.algorithm == "policy_gradient" else 1
+    group = s.group_size if resolve_update_rule(s.algorithm).needs_groups else 1
     out = []
     for w in range(s.num_workers):
         picks = classes[torch.randint(0, len(classes), (s.rollouts_per_worker // group,), generator=g)]
         out.append(RolloutRequest(version=version, class_ids=picks.repeat_interleave(group).tolist(),
-                                  seed=int(torch.randint(0, 2 ** 31 - 1, (), generator=g))))
+                                  seed=int(torch.randint(0, 2 ** 31 - 1, (), generator=g)),
+                                  group_size=group, share_noise=s.share_noise and group > 1))
     return out
 
 
-def evaluate_policy(executor, weights: PolicyWeights, recipe: Recipe, num_classes: int) -> dict:
-    """Mean rewards on a fixed prompt set (every class x eval_per_class, fixed seed), split over workers."""
-    s = recipe.train
-    classes = [int(c) for c in s.classes] or list(range(num_classes))
-    ids = [c for c in classes for _ in range(s.eval_per_class)]
-    chunks = [ids[i::s.num_workers] for i in range(s.num_workers)]
-    requests = [RolloutRequest(weights.version, chunk, seed=10_007 + i) for i, chunk in enumerate(chunks) if chunk]
-    batches = executor.rollout(requests)
-    return {f"eval/{k}": torch.cat([b.rewards[k] for b in batches]).mean().item() for k in batches[0].rewards}
-
-
 def check_train_recipe(recipe: Recipe) -> None:
+    """Every problem of the train section as one ValueError naming the key, before anything loads."""
     s = recipe.train
-    if s.algorithm not in ("reward_gradient", "policy_gradient"):
-        raise ValueError(f"train.algorithm must be reward_gradient or policy_gradient, got {s.algorithm!r}")
-    if s.num_workers < 1 or s.rollouts_per_worker < 1 or s.iterations < 1:
-        raise ValueError("train.num_workers, train.rollouts_per_worker and train.iterations must be >= 1")
-    if s.algorithm == "policy_gradient" and s.rollouts_per_worker % s.group_size:
-        raise ValueError(f"train.rollouts_per_worker ({s.rollouts_per_worker}) must be a multiple of "
-                         f"train.group_size ({s.group_size}) for policy gradient")
+    rule = resolve_update_rule(s.algorithm)
+    for key in ("num_workers", "rollouts_per_worker", "iterations", "num_iter", "worker_threads"):
+        if getattr(s, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(s, key)}")
+    for key in ("reg_weight", "kl_weight", "clip_range", "adv_clip", "reward_norm_momentum"):
+        v = float(getattr(s, key))
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"train.{key} must be a finite number >= 0, got {v}")
+    if not 0 < s.reward_norm_momentum <= 1:
+        raise ValueError(f"train.reward_norm_momentum must be in (0, 1], got {s.reward_norm_momentum}")
+    if s.grad_last_k is not None and not 1 <= s.grad_last_k <= s.num_iter:
+        raise ValueError(f"train.grad_last_k must be in [1, train.num_iter = {s.num_iter}] (or null = all), "
+                         f"got {s.grad_last_k}")
+    if s.ppo_epochs < 1:
+        raise ValueError(f"train.ppo_epochs must be >= 1, got {s.ppo_epochs}")
+    bad_steps = [k for k in s.explore_steps if not (isinstance(k, int) and 0 <= k < s.num_iter)]
+    if bad_steps:
+        raise ValueError(f"train.explore_steps must be AR step indices in [0, {s.num_iter}), got {bad_steps}")
+    std = explore_std(s)
+    if not math.isfinite(std) or std < 0:
+        raise ValueError(f"train.explore_std must be a finite number >= 0, got {std}")
+    if rule.needs_exploration and std <= 0:
+        raise ValueError(f"train.algorithm={s.algorithm} needs train.explore_std > 0 (a deterministic policy "
+                         f"has no density), got {std}")
+    if rule.needs_groups:
+        if s.group_size < 2:
+            raise ValueError(f"train.group_size must be >= 2 for train.algorithm={s.algorithm} (advantages are "
+                             f"normalised within groups), got {s.group_size}")
+        if s.rollouts_per_worker % s.group_size:
+            raise ValueError(f"train.rollouts_per_worker ({s.rollouts_per_worker}) must be a multiple of "
+                             f"train.group_size ({s.group_size}) for train.algorithm={s.algorithm}")
+    from marval_rl.rl.policy import TRAINABLE_GROUPS
+
+    bad = [g for g in s.trainable if g not in TRAINABLE_GROUPS]
+    if bad or not s.trainable:
+        raise ValueError(f"train.trainable must name some of {sorted(TRAINABLE_GROUPS)}, got {list(s.trainable)}")
+    if s.eval_real not in ("auto", "off"):
+        raise ValueError(f"train.eval_real must be 'auto' or 'off', got {s.eval_real!r}")
     cores = os.cpu_count() or 1
     if not s.ray_address and recipe.device == "cpu" and s.num_workers * s.worker_threads > cores:
         raise ValueError(f"train.num_workers x train.worker_threads = {s.num_workers * s.worker_threads} "
@@ -88,7 +128,7 @@ def check_train_recipe(recipe: Recipe) -> None:
                          f"with train.ray_address")
 
 
-def summarise(history: list[dict], keys: list[str]) -> list[dict]:
+def summarise_history(history: list[dict], keys: list[str]) -> list[dict]:
     rows = []
     for k in keys:
         vals = [h[k] for h in history if k in h]
@@ -97,14 +137,28 @@ def summarise(history: list[dict], keys: list[str]) -> list[dict]:
     return rows
 
 
+def _point_state(p: EvalPoint | None) -> dict:
+    if p is None:
+        return {}
+    return {"iteration": p.iteration, "scores": p.scores, "images": p.images,
+            "fid_proxy": -1.0 if p.fid_proxy is None else p.fid_proxy, "spread": -1.0 if p.spread is None else p.spread}
+
+
+def _point_from_state(d: dict) -> EvalPoint | None:
+    if not d:
+        return None
+    return EvalPoint(int(d["iteration"]), dict(d["scores"]), d["images"],
+                     None if d["fid_proxy"] < 0 else float(d["fid_proxy"]),
+                     None if d["spread"] < 0 else float(d["spread"]))
+
+
 def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = True,
                  stop_after: int | None = None) -> dict:
     """Run (or resume) RL; returns the summary. ``stop_after`` ends early (tests of resume)."""
     from marval_rl.loading import load_generator, load_vae
+    from marval_rl.rl.distributed import all_mean, finish, world
     from marval_rl.rl.logging import RunLogger
     from marval_rl.rl.rewards import RewardSet
-
-    from marval_rl.rl.distributed import all_mean, finish, world
 
     check_train_recipe(recipe)
     rank, world_size = world()
@@ -115,47 +169,55 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     vae = load_vae(recipe.vae, recipe.device)
     if vae is None:
         raise ValueError("train needs vae.checkpoint to decode images")
-    trainer = RLTrainer(policy, vae, RewardSet(s.rewards, s.gold, recipe.device), s)
-    spec = WorkerSpec(model=recipe.model, vae=recipe.vae, rewards=list(s.rewards), gold=list(s.gold),
-                      num_iter=s.num_iter, explore_std=explore_std(s), prompt_template=s.prompt_template,
-                      class_names=list(s.class_names),
-                      device=recipe.device, threads=s.worker_threads)
+    rewards = RewardSet(s.rewards, s.gold, recipe.device)
+    trainer = RLTrainer(policy, vae, rewards, s)
+    class_num = policy.config.class_num
     state_path = out / "rl_state.pt"
     history: list[dict] = []
-    start, eval_resumed = 0, {}
+    start, first = 0, None
     if state_path.is_file():
         state = torch_load_safely(state_path)
         trainer.load_state_dict(state["trainer"])
         history, start = json.loads(state["history"]), int(state["iteration"])
-        eval_resumed = json.loads(state.get("eval_first", "{}"))
+        first = _point_from_state(state.get("eval_first", {}))
         print(f"[train] resuming at iteration {start} ({state_path})")
     use_ray = s.use_ray if use_ray is None else use_ray
+    spec = WorkerSpec.from_recipe(recipe)
     if use_ray:
         from marval_rl.rl.ray_executor import RayExecutor
 
         executor = RayExecutor(spec, s.num_workers, s)
     else:
         executor = LocalExecutor(spec, s.num_workers)
+    judge = FixedEval(recipe, rewards, class_num, recipe.device) if s.eval_per_class and rank == 0 else None
     logger = RunLogger(out, recipe, resume=start > 0) if rank == 0 else None
     t_run = time.perf_counter()
-    eval_first, eval_last = (eval_resumed if start else {}), {}
+    last, real = None, {}
+    end = s.iterations if stop_after is None else min(s.iterations, stop_after)
+
+    def save_state(iteration: int):
+        state = {"trainer": trainer.state_dict(), "iteration": iteration, "history": json.dumps(history),
+                 "eval_first": _point_state(first)}
+        atomic_write(state_path, lambda p: torch.save(state, p))
+
     try:
-        end = s.iterations if stop_after is None else min(s.iterations, stop_after)
-        if s.eval_per_class and start == 0 and rank == 0:
-            executor.set_weights(trainer.weights())
-            eval_first = evaluate_policy(executor, trainer.weights(), recipe, policy.config.class_num)
-        for it in tqdm(range(start, end), initial=start, total=s.iterations, desc="RL", disable=not progress):
+        if judge is not None:
+            real = judge.score_real(policy.config.img_size)
+            if first is None:
+                executor.set_weights(trainer.weights())
+                first = judge.run(executor, trainer.version, 0)
+        bar = tqdm(range(start, end), initial=start, total=s.iterations, desc="RL", disable=not progress)
+        for it in bar:
             t0 = time.perf_counter()
             executor.set_weights(trainer.weights())
             t1 = time.perf_counter()
-            batches = executor.rollout(make_requests(recipe, trainer.version, it, policy.config.class_num, rank))
+            batches = executor.rollout(make_requests(recipe, trainer.version, it, class_num, rank))
             t2 = time.perf_counter()
             stats = trainer.update(batches)
             t3 = time.perf_counter()
             n = sum(len(b.class_ids) for b in batches)
             metrics = {"iteration": it + 1, "version": trainer.version,
-                       **{f"{k}" if k.startswith(("gold/", "reward/")) else f"reward/{k}":
-                          torch.cat([b.rewards[k] for b in batches]).mean().item() for k in batches[0].rewards},
+                       **RewardRecord.cat([b.rewards for b in batches]).means(),
                        "time/sync": t1 - t0, "time/rollout": t2 - t1, "time/update": t3 - t2,
                        "time/worker_rollout": max(b.seconds["rollout"] for b in batches),
                        "time/worker_reward": max(b.seconds["reward"] for b in batches),
@@ -163,19 +225,22 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
             if world_size > 1:  # rewards averaged over every rank's rollouts
                 metrics = {k: all_mean(v) if k.startswith(("reward/", "gold/")) else v for k, v in metrics.items()}
                 metrics["world_size"] = world_size
+            if judge is not None and s.eval_every and (it + 1) % s.eval_every == 0 and it + 1 < s.iterations:
+                executor.set_weights(trainer.weights())
+                metrics.update(judge.run(executor, trainer.version, it + 1).log_row(first))
             history.append(metrics)
             if hasattr(executor, "report"):
                 executor.report(metrics)
+            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in metrics
+                             if k == "reward/total" or k.startswith("gold/")}, refresh=False)
             if rank != 0:
                 continue
             logger.log(metrics, batches if s.grid_every and (it + 1) % s.grid_every == 0 else None)
             if (s.checkpoint_every and (it + 1) % s.checkpoint_every == 0) or it + 1 == end:
-                state = {"trainer": trainer.state_dict(), "iteration": it + 1, "history": json.dumps(history),
-                         "eval_first": json.dumps(eval_first)}
-                atomic_write(state_path, lambda p: torch.save(state, p))
-        if s.eval_per_class and rank == 0 and end == s.iterations:
+                save_state(it + 1)
+        if judge is not None and end == s.iterations:
             executor.set_weights(trainer.weights())
-            eval_last = evaluate_policy(executor, trainer.weights(), recipe, policy.config.class_num)
+            last = judge.run(executor, trainer.version, end)
     finally:
         executor.shutdown()
     if rank != 0:
@@ -190,12 +255,21 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
                "optimised_last": history[-1]["reward/total"] if history else None,
                "gold_first": {k: v for k, v in history[0].items() if k.startswith("gold/")} if history else {},
                "gold_last": {k: v for k, v in history[-1].items() if k.startswith("gold/")} if history else {},
-               "eval_first": eval_first, "eval_last": eval_last,
+               **summarise(first, last, real),
+               "eval_history": ([first.log_row(first)] if first else []) +
+                               [{k: v for k, v in h.items() if k == "iteration" or k.startswith("eval/")}
+                                for h in history if any(k.startswith("eval/") for k in h)] +
+                               ([last.log_row(first)] if last else []),
                "wall_seconds": round(time.perf_counter() - t_run, 2), "output_dir": str(out),
                "policy": str(policy_dir)}
-    rows = summarise(history, keys) + [{"metric": k, "first": eval_first[k], "last": eval_last[k],
-                                        "best": max(eval_first[k], eval_last[k])}
-                                       for k in eval_first if k in eval_last]
+    rows = summarise_history(history, keys)
+    if last is not None:
+        fm, lm = first.means(), last.means()
+        rows += [{"metric": f"eval/{k}", "first": fm[k], "last": lm[k], "best": max(fm[k], lm[k])} for k in fm]
+        from marval_rl.rl.rollout import class_names_for
+
+        names = list(s.class_names) or class_names_for(class_num)
+        summary["before_after"] = str(logger.before_after(first, last, [names[c] for c in judge.class_ids]))
     logger.finish(history, rows, summary)
     finish()
     return summary

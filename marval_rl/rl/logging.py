@@ -41,21 +41,44 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(payload, step=int(metrics["iteration"]))
 
-    def reward_curve(self, history: list[dict]) -> Path:
+    def before_after(self, first, last, labels: list[str]) -> Path:
+        """The fixed eval prompts and seeds before and after RL, side by side, labelled and upscaled."""
+        from marval_rl.eval.images import save_labelled_comparison
+
+        keys = [k for k in first.scores if k != "reward/total"][:2]
+        short = lambda k: k.split("/")[-1]  # noqa: E731
+        before = {short(k): first.scores[k].tolist() for k in keys}
+        after = {short(k): last.scores[k].tolist() for k in keys}
+        return save_labelled_comparison(first.images, last.images, labels, self.out / "before_after.png",
+                                        before_scores=before, after_scores=after, scale=3, columns=8)
+
+    def reward_curve(self, history: list[dict], eval_history: list[dict] = ()) -> Path:
+        """Left: each iteration's rollout means. Right: the fixed eval set (the judge), with markers."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+        fig, axes = plt.subplots(1, 2 if eval_history else 1, figsize=(11 if eval_history else 6, 3.5), dpi=120,
+                                 squeeze=False)
         its = [h["iteration"] for h in history]
+        ax = axes[0, 0]
         for k in sorted({k for h in history for k in h if k.startswith(("reward/", "gold/"))}):
             ax.plot(its, [h.get(k, float("nan")) for h in history], label=k,
                     linestyle="--" if k.startswith("gold/") else "-")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("mean reward")
+        ax.set(xlabel="iteration", ylabel="mean reward (rollout batch)", title="rollouts")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+        if eval_history:
+            ax = axes[0, 1]
+            keys = sorted({k for h in eval_history for k in h if k.startswith(("eval/reward/", "eval/gold/"))})
+            for k in keys:
+                pts = [(h["iteration"], h[k]) for h in eval_history if k in h]
+                ax.plot(*zip(*pts), marker="o", label=k[len("eval/"):],
+                        linestyle="--" if "/gold/" in k else "-")
+            ax.set(xlabel="iteration", ylabel="mean over the fixed eval set", title="fixed eval set")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
         fig.tight_layout()
         path = self.out / "reward_curve.png"
         fig.savefig(path)
@@ -64,7 +87,7 @@ class RunLogger:
 
     def finish(self, history: list[dict], rows: list[dict], summary: dict):
         if history:
-            summary["reward_curve"] = str(self.reward_curve(history))
+            summary["reward_curve"] = str(self.reward_curve(history, summary.get("eval_history", [])))
         print()
         print("| metric | first | last | best |")
         print("|---|---|---|---|")

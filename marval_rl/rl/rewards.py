@@ -1,52 +1,79 @@
-"""The recipe's rewards as one object: the optimised weighted sum and the held-out gold rewards."""
+"""The recipe's rewards as one object, and the typed record of their values that travels in a batch.
+
+One aggregator: :class:`rewards.composite.CompositeReward` (weighted sum of the optimised rewards, gold
+rewards on detached images, never in the sum). One naming rule for metric keys, :meth:`RewardRecord.means`:
+``reward/total``, ``reward/<label>`` for each optimised reward, ``gold/<label>`` for each gold reward,
+with the composite's labels (the reward's ``name``; ``name#2`` for a second one of the same name).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 from marval_rl.config import RewardSpec
 
 
+@dataclass
+class RewardRecord:
+    """Per-sample reward values of one batch: the optimised total, its parts and the gold rewards."""
+    total: torch.Tensor                                          # [B] weighted sum that is optimised
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> [B] raw optimised rewards
+    gold: dict[str, torch.Tensor] = field(default_factory=dict)   # label -> [B] held-out rewards
+
+    def per_sample(self) -> dict[str, torch.Tensor]:
+        """Every value under its metric key (the one naming rule)."""
+        return {"reward/total": self.total, **{f"reward/{k}": v for k, v in self.parts.items()},
+                **{f"gold/{k}": v for k, v in self.gold.items()}}
+
+    def means(self) -> dict[str, float]:
+        return {k: v.float().mean().item() for k, v in self.per_sample().items()}
+
+    def to(self, device) -> "RewardRecord":
+        return RewardRecord(self.total.to(device), {k: v.to(device) for k, v in self.parts.items()},
+                            {k: v.to(device) for k, v in self.gold.items()})
+
+    @staticmethod
+    def cat(records: list["RewardRecord"]) -> "RewardRecord":
+        first = records[0]
+        return RewardRecord(torch.cat([r.total for r in records]),
+                            {k: torch.cat([r.parts[k] for r in records]) for k in first.parts},
+                            {k: torch.cat([r.gold[k] for r in records]) for k in first.gold})
+
+
+def _spec_dict(spec: RewardSpec) -> dict:
+    return {"name": spec.name, "kwargs": dict(spec.kwargs), "weight": float(spec.weight)}
+
+
 class RewardSet:
     """``total = sum_i w_i r_i`` over the optimised rewards; gold rewards are scored and logged only."""
 
     def __init__(self, optimised: list[RewardSpec], gold: list[RewardSpec] = (), device="cpu"):
-        from rewards import build_reward
+        from rewards.composite import CompositeReward
 
         if not optimised:
             raise ValueError("train.rewards is empty: name at least one reward to optimise")
-        built = [build_reward(s.name, **dict(s.kwargs)).to(device).eval() for s in optimised]
-        self.optimised = [(n, s.weight, r) for n, s, r in zip(self._labels(built), optimised, built)]
-        built_gold = [build_reward(s.name, **dict(s.kwargs)).to(device).eval() for s in gold]
-        self.gold = list(zip(self._labels(built_gold), built_gold))
-        for _, _, r in self.optimised + [(n, 0, g) for n, g in self.gold]:
-            r.requires_grad_(False)
-
-    @staticmethod
-    def _labels(rewards) -> list[str]:
-        """Log names: each reward's ``name``, numbered when two share one."""
-        names = [r.name for r in rewards]
-        return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        self.composite = CompositeReward([_spec_dict(s) for s in optimised], [_spec_dict(s) for s in gold])
+        self.composite.to(device).eval().requires_grad_(False)
 
     @property
     def differentiable(self) -> bool:
-        return all(r.differentiable for _, _, r in self.optimised)
+        return self.composite.differentiable
 
-    def check_differentiable(self):
-        bad = [n for n, _, r in self.optimised if not r.differentiable]
+    def check_differentiable(self, why: str = "train.algorithm=reward_gradient"):
+        bad = [label for label, r in zip(self.composite.labels, self.composite.members) if not r.differentiable]
         if bad:
-            raise ValueError(f"train.algorithm=reward_gradient needs differentiable rewards, but {bad} "
-                             f"is not; use train.algorithm=policy_gradient for it")
+            raise ValueError(f"{why} needs differentiable rewards, but {bad} is not; use "
+                             f"train.algorithm=policy_gradient for it")
 
-    def total(self, images, prompts, metadata) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The optimised sum (with grad when the images carry it) and its components (detached)."""
-        parts = {name: r(images, prompts, metadata) for name, _, r in self.optimised}
-        total = sum(w * parts[name] for name, w, _ in self.optimised)
-        return total, {f"reward/{k}": v.detach() for k, v in parts.items()}
+    def total(self, images, prompts, metadata) -> tuple[torch.Tensor, RewardRecord]:
+        """The optimised sum (with grad when the images carry it) and the record of every value (detached)."""
+        total = self.composite(images, prompts, metadata)
+        comps = self.composite.last_components
+        record = RewardRecord(total.detach(), {k: comps[k] for k in self.composite.labels},
+                              {k[len("gold/"):]: comps[k] for k in self.composite.gold_labels})
+        return total, record
 
     @torch.no_grad()
-    def score_all(self, images, prompts, metadata) -> dict[str, torch.Tensor]:
-        total, parts = self.total(images, prompts, metadata)
-        parts["total"] = total.detach()
-        for name, r in self.gold:
-            parts[f"gold/{name}"] = r(images, prompts, metadata).detach()
-        return parts
+    def score_all(self, images, prompts, metadata) -> RewardRecord:
+        return self.total(images, prompts, metadata)[1]

@@ -1,12 +1,10 @@
 """``RolloutWorker``: samples images from the current policy, decodes and scores them.
 
-The same class runs in-process (tests, ``--no-ray``) and as a Ray actor (``ray.remote(RolloutWorker)``
-in ``controller.py``). A worker only ever receives versioned weights and rollout requests, and only
+The same class runs in-process (tests, ``--no-ray``) and as a Ray actor (``rl/ray_executor.py``). A worker only ever receives versioned weights and rollout requests, and only
 returns typed batches: it never sees the trainer.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,7 +13,7 @@ import torch
 
 from marval_rl.config import ModelSection, RewardSpec, VAESection
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch, RolloutRequest, checksum
-from marval_rl.rl.policy import GaussianPolicySampler
+from marval_rl.rl.policy import GaussianPolicySampler, per_step_sample_mean
 from marval_rl.sampling import sample_tokens
 
 
@@ -46,10 +44,21 @@ class WorkerSpec:
     gold: list[RewardSpec] = field(default_factory=list)
     num_iter: int = 8
     explore_std: float = 0.0
+    explore_steps: list = field(default_factory=list)
     prompt_template: str = "photo"
     class_names: list = field(default_factory=list)
     device: str = "cpu"
     threads: int = 1
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "WorkerSpec":
+        from marval_rl.rl.trainer import explore_std
+
+        s = recipe.train
+        return cls(model=recipe.model, vae=recipe.vae, rewards=list(s.rewards), gold=list(s.gold),
+                   num_iter=s.num_iter, explore_std=explore_std(s), explore_steps=list(s.explore_steps),
+                   prompt_template=s.prompt_template, class_names=list(s.class_names), device=recipe.device,
+                   threads=s.worker_threads)
 
 
 class RolloutWorker:
@@ -68,7 +77,6 @@ class RolloutWorker:
         self.names = list(spec.class_names) or class_names_for(self.policy.config.class_num)
         if len(self.names) != self.policy.config.class_num:
             raise ValueError(f"{len(self.names)} class names for a {self.policy.config.class_num}-class policy")
-        self.sampler = GaussianPolicySampler(self.policy.one_step, spec.explore_std)
         self.version = -1
 
     def pid(self) -> int:
@@ -96,28 +104,25 @@ class RolloutWorker:
         t0 = time.perf_counter()
         labels = torch.tensor(request.class_ids, dtype=torch.int64)
         prompts = class_prompts(request.class_ids, self.names, self.spec.prompt_template)
-        res = sample_tokens(self.policy, labels=labels, num_iter=self.spec.num_iter,
-                            generator=torch.Generator().manual_seed(request.seed), token_sampler=self.sampler)
+        g, bsz = torch.Generator().manual_seed(request.seed), len(request.class_ids)
+        std = self.spec.explore_std if request.explore else 0.0
+        share = request.share_noise and request.group_size > 1
+        sampler = GaussianPolicySampler(self.policy.one_step, std, self.spec.explore_steps, request.group_size, share)
+        sampler.bsz = bsz
+        orders = None
+        if share:  # one mask order per group
+            if bsz % request.group_size:
+                raise ValueError(f"{bsz} rollouts do not split into groups of {request.group_size}")
+            orders = self.policy.sample_orders(bsz // request.group_size, g).repeat_interleave(request.group_size, 0)
+        res = sample_tokens(self.policy, labels=labels, num_iter=self.spec.num_iter, orders=orders,
+                            generator=g, token_sampler=sampler)
         images = ((self.vae.decode_tokens(res.tokens) + 1) / 2).clamp(0, 1)
         t1 = time.perf_counter()
-        rewards = self.rewards.score_all(images, prompts, {"class_ids": labels})
+        rewards = self.rewards.score_all(images, prompts, {"class_ids": labels.to(images.device)})
         t2 = time.perf_counter()
+        old_logprobs = per_step_sample_mean(sampler.logprobs, res.record.predicted).cpu() if std > 0 else None
         return RolloutBatch(version=self.version, worker_id=self.worker_id, class_ids=labels, prompts=prompts,
                             tokens=res.tokens.cpu(), images=(images * 255).round().to(torch.uint8).cpu(),
-                            rewards={k: v.cpu() for k, v in rewards.items()},
-                            record=res.record, old_logprobs=self._old_logprobs(res.record),
+                            rewards=rewards.to("cpu"), record=res.record, old_logprobs=old_logprobs,
+                            explored=std > 0, shared_noise=share,
                             seconds={"rollout": t1 - t0, "reward": t2 - t1})
-
-    def _old_logprobs(self, record) -> torch.Tensor | None:
-        """log pi_old(a) per AR step and sample, in closed form from the exploration draws xi:
-        a = mu + std * xi  =>  log N(a; mu, std^2) = sum(-xi^2 / 2) - C log(std sqrt(2 pi))."""
-        std = self.spec.explore_std
-        if std == 0:
-            return None
-        bsz = record.predicted[0].shape[0]
-        out = []
-        for draws, pred in zip(record.noise, record.predicted):
-            xi = draws[1]
-            lp = (-0.5 * xi.square() - math.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
-            out.append(torch.zeros(bsz).index_add(0, pred.nonzero(as_tuple=True)[0].cpu(), lp.cpu()))
-        return torch.stack(out)

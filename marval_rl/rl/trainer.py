@@ -1,16 +1,14 @@
-"""``RLTrainer``: recomputes rollouts with gradients from their replay records and updates the policy.
+"""``RLTrainer``: holds the policy, its frozen reference and the optimiser; an update rule does the rest.
 
-reward gradient (the paper's MARVAL-RL): replay each rollout's noise with the current theta, decode
-with the (frozen) VAE, and maximise the differentiable reward, backpropagating through the decoder,
-the one-step head and the AR loop (``grad_last_k`` truncates to the last k AR steps; activation
-checkpointing in the backbone with ``grad_checkpointing``). Regulariser: the *anchor*
-E|g_theta(noise, z) - g_ref(noise, z)|^2 on the visited states, keeping the policy near the distilled
-reference. It is the squared distance the policy-gradient KL reduces to for equal-std Gaussians, it
-needs no density (the reward-gradient policy is deterministic), and it costs one no-grad head call.
+What trains is named by ``train.trainable`` (parameter groups of :data:`marval_rl.rl.policy.TRAINABLE_GROUPS`:
+the one-step head, the class embedding, the rest of the backbone, or all). Whatever trains, the
+regulariser compares the policy with the reference *model* on the visited states: when only the head
+trains the reference backbone equals the policy's and one backbone pass serves both; otherwise the
+frozen reference model computes its own condition z_ref on the same state (``PolicyView``).
 
-policy gradient (GRPO/PPO-style, any reward): tokens are Gaussian actions around g_theta; group-
-normalised advantages over the G samples of one prompt; per-AR-step clipped importance ratios
-against the rollout policy's log-probs; optional closed-form KL to the reference.
+Update rules (``marval_rl/rl/update_rules.py``, registered by name) use :meth:`sampler`, :meth:`replay`,
+:meth:`decode`, :meth:`reward_scale` and :meth:`step`; the trainer applies one rule per iteration and
+bumps the policy version.
 """
 from __future__ import annotations
 
@@ -21,33 +19,17 @@ import torch
 from marval_rl.config import TrainSection
 from marval_rl.models.one_step import MARVAL
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch
-from marval_rl.rl.policy import ForcedActionSampler, GaussianPolicySampler, per_sample, step_actions
+from marval_rl.rl.policy import GaussianPolicySampler, PolicyView, trainable_names
+from marval_rl.rl.update_rules import resolve_update_rule
 from marval_rl.sampling import sample_tokens
 from marval_rl.training import make_optimizer
 
 
-class AnchoredSampler(GaussianPolicySampler):
-    """The rollout's sampler, also recording |mu - mu_ref|^2 per token row (the anchor regulariser)."""
-
-    def __init__(self, head, explore_std, reference):
-        super().__init__(head, explore_std)
-        self.reference, self.rows = reference, []
-
-    def __call__(self, z_cond, z_uncond, cfg, temperature, randn):
-        noise = randn((z_cond.shape[0], self.head.token_channels))
-        mu = self.head(noise * temperature, z_cond)
-        with torch.no_grad():
-            mu_ref = self.reference(noise * temperature, z_cond)
-        self.rows.append((mu - mu_ref).square().sum(-1))
-        return mu if self.std == 0 else mu + self.std * randn(tuple(mu.shape))
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(r - mean_group) / (std_group + 1e-4) over consecutive groups of ``group_size`` samples."""
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rollouts do not split into groups of {group_size}")
-    g = rewards.reshape(-1, group_size)
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True, unbiased=False) + 1e-4)).reshape(-1)
+def explore_std(section: TrainSection) -> float:
+    """Exploration std of the recipe's rollouts: explicit, or 0.1 for rules that need exploration."""
+    if section.explore_std is not None:
+        return float(section.explore_std)
+    return 0.1 if resolve_update_rule(section.algorithm).needs_exploration else 0.0
 
 
 class RLTrainer:
@@ -55,119 +37,105 @@ class RLTrainer:
         if not isinstance(policy, MARVAL):
             raise ValueError(f"RL starts from a MARVAL one-step policy, got a {type(policy).__name__} "
                              f"(distill a teacher first: marval-rl distill)")
-        if section.algorithm not in ("reward_gradient", "policy_gradient"):
-            raise ValueError(f"train.algorithm must be reward_gradient or policy_gradient, got {section.algorithm!r}")
         self.s, self.vae, self.rewards = section, vae.eval().requires_grad_(False), rewards
+        self.rule = resolve_update_rule(section.algorithm)(section)
         self.std = explore_std(section)
-        if section.algorithm == "reward_gradient":
-            rewards.check_differentiable()
+        if self.rule.needs_differentiable_rewards:
+            rewards.check_differentiable(f"train.algorithm={section.algorithm}")
         self.policy = policy.train(False)  # no dropout: the replay must equal the rollout
         self.policy.config.grad_checkpointing = section.grad_checkpointing
+        self.names = trainable_names(policy, section.trainable)
         self.reference = copy.deepcopy(policy).requires_grad_(False)
+        self.head_only = all(n.startswith("one_step.") for n in self.names)
         self.policy.requires_grad_(False)
-        self.trainable = policy if section.train_backbone else policy.one_step
-        self.trainable.requires_grad_(True)
-        self.prefix = "" if section.train_backbone else "one_step."
-        self.optimizer = make_optimizer(self.trainable, section.optim)
+        params = dict(policy.named_parameters())
+        for n in self.names:
+            params[n].requires_grad_(True)
+        self.optimizer = make_optimizer(self.policy, section.optim)
         self.version = 0
+        self.reward_std: float | None = None   # running per-sample std of the optimised reward
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
 
     def weights(self) -> PolicyWeights:
-        return PolicyWeights.of(self.version, {self.prefix + k: v for k, v in self.trainable.state_dict().items()})
+        params = dict(self.policy.named_parameters())
+        return PolicyWeights.of(self.version, {n: params[n] for n in self.names})
 
-    # ------------------------------------------------------------------ reward gradient
-    def replay_images(self, batch: RolloutBatch, sampler) -> torch.Tensor:
-        res = sample_tokens(self.policy, replay=batch.record, token_sampler=sampler, grad_last_k=self.s.grad_last_k)
-        return ((self.vae.decode_tokens(res.tokens) + 1) / 2).clamp(0, 1), res.tokens
+    # ------------------------------------------------------------------ tools of the update rules
+    def sampler(self, batch: RolloutBatch, actions=None, with_reference: bool = False) -> GaussianPolicySampler:
+        """The rollout's own sampler (same std, exploring steps and noise sharing), for a replay."""
+        s = self.s
+        sampler = GaussianPolicySampler(self.policy.one_step, self.std if batch.explored else 0.0,
+                                        s.explore_steps, s.group_size, batch.shared_noise, actions,
+                                        self.reference.one_step if with_reference else None)
+        sampler.bsz = len(batch.class_ids)
+        return sampler
 
-    def _reward_gradient(self, batches: list[RolloutBatch]) -> dict:
-        stats = {"reward_grad/total": 0.0, "reward_grad/anchor": 0.0, "replay_max_abs_diff": 0.0}
-        for b in batches:
-            sampler = AnchoredSampler(self.policy.one_step, self.std, self.reference.one_step)
-            images, tokens = self.replay_images(b, sampler)
-            if b.version == self.version:  # on-policy: the replay must be the rollout
-                stats["replay_max_abs_diff"] = max(stats["replay_max_abs_diff"],
-                                                   (tokens.detach().cpu() - b.tokens).abs().max().item())
-            total, _ = self.rewards.total(images, b.prompts, {"class_ids": b.class_ids})
-            anchor = per_sample(sampler.rows, b.record.predicted).mean()
-            loss = (-total.mean() + self.s.reg_weight * anchor) / len(batches)
-            loss.backward()
-            stats["reward_grad/total"] += total.mean().item() / len(batches)
-            stats["reward_grad/anchor"] += anchor.item() / len(batches)
-        stats["grad_norm"] = self._step()
-        return stats
+    def replay(self, batch: RolloutBatch, sampler, grad_last_k: int | None = None):
+        """Recompute a rollout from its record with autograd on (reference model beside when needed)."""
+        needs_ref_model = sampler.reference_head is not None and not self.head_only
+        view = PolicyView(self.policy, self.reference if needs_ref_model else None, self.s.detach_context)
+        return sample_tokens(view, replay=batch.record, token_sampler=sampler,
+                             grad_last_k=grad_last_k)
 
-    # ------------------------------------------------------------------ policy gradient
-    def _policy_gradient(self, batches: list[RolloutBatch]) -> dict:
-        adv = [group_advantages(b.rewards["total"], self.s.group_size) for b in batches]
-        stats = {}
-        for epoch in range(self.s.ppo_epochs):
-            ratios, kls = [], []
-            for b, a in zip(batches, adv):
-                actions = step_actions(b.tokens, b.record.predicted, self.policy.patchify)
-                sampler = ForcedActionSampler(self.policy.one_step, self.std, actions,
-                                              self.reference.one_step if self.s.kl_weight > 0 else None)
-                sample_tokens(self.policy, replay=b.record, token_sampler=sampler)
-                preds = b.record.predicted
-                logp = torch.stack([per_sample([lp], [p]) for lp, p in zip(sampler.logprobs, preds)])  # [K, B]
-                ratio = torch.exp(logp - b.old_logprobs.to(logp.device))
-                adv_kb = a.to(logp.device).expand_as(ratio)
-                clipped = ratio.clamp(1 - self.s.clip_range, 1 + self.s.clip_range)
-                loss = -torch.minimum(ratio * adv_kb, clipped * adv_kb).mean()
-                if sampler.kl:
-                    kl = per_sample(sampler.kl, preds).mean()
-                    loss = loss + self.s.kl_weight * kl
-                    kls.append(kl.item())
-                (loss / len(batches)).backward()
-                ratios.append(ratio.detach())
-            grad_norm = self._step()
-            r = torch.cat([x.flatten() for x in ratios])
-            if epoch == 0:
-                stats.update({"pg/ratio_first_epoch_max_dev": (r - 1).abs().max().item(),
-                              "pg/ratio_mean": r.mean().item()})
-            stats.update({"grad_norm": grad_norm, "pg/clip_frac": ((r - 1).abs() > self.s.clip_range).float().mean().item()})
-            if kls:
-                stats["pg/kl"] = sum(kls) / len(kls)
-        return stats
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return ((self.vae.decode_tokens(tokens) + 1) / 2).clamp(0, 1)
 
-    # ------------------------------------------------------------------------ common
-    def _step(self) -> float:
+    def reward_scale(self, totals: torch.Tensor) -> float:
+        """Running per-sample std of the optimised reward (1.0 when ``normalize_reward`` is off)."""
+        if not self.s.normalize_reward:
+            return 1.0
+        std = float(totals.float().std()) if totals.numel() > 1 else 0.0
+        m = self.s.reward_norm_momentum
+        self.reward_std = std if self.reward_std is None else (1 - m) * self.reward_std + m * std
+        return max(self.reward_std, 1e-8)
+
+    def step(self) -> float:
+        """Average gradients across trainer ranks, clip, optimiser step; returns the pre-clip norm."""
         from marval_rl.rl.distributed import average_gradients, check_in_sync
 
         clip = self.s.optim.grad_clip
-        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        params = [p for p in self.policy.parameters() if p.requires_grad]
         average_gradients(params)  # no-op in a single process
         params = [p for p in params if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")) if params else torch.zeros(())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        check_in_sync(self.trainable)
+        check_in_sync(self.policy)
         return float(norm)
 
+    # ------------------------------------------------------------------------------ one update
     def update(self, batches: list[RolloutBatch]) -> dict:
         """One policy update from this iteration's rollouts; returns metrics and bumps the version."""
         lag = max(self.version - b.version for b in batches)
-        if self.s.algorithm == "policy_gradient":
-            if any(b.old_logprobs is None for b in batches):
-                raise ValueError("policy-gradient batches need rollouts sampled with explore_std > 0")
-            stats = self._policy_gradient(batches)
-        else:
-            stats = self._reward_gradient(batches)
+        if self.rule.needs_exploration and any(b.old_logprobs is None for b in batches):
+            raise ValueError(f"train.algorithm={self.s.algorithm} needs rollouts sampled with explore_std > 0")
+        stats = self.rule.update(self, batches)
         self.version += 1
         return {**stats, "version_lag": lag}
 
     def state_dict(self) -> dict:
-        return {"trainable": self.trainable.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "version": self.version}
+        params = dict(self.policy.named_parameters())
+        return {"trainable": {n: params[n].detach().clone() for n in self.names},
+                "optimizer": self.optimizer.state_dict(), "version": self.version,
+                "reward_std": -1.0 if self.reward_std is None else self.reward_std}
 
     def load_state_dict(self, state: dict):
-        from marval_rl.models.checkpoints import load_state_dict_strict
+        from marval_rl.models.checkpoints import CheckpointError
 
-        load_state_dict_strict(self.trainable, state["trainable"], "RL state")
+        params = dict(self.policy.named_parameters())
+        got = state["trainable"]
+        missing, unexpected = sorted(set(self.names) - set(got)), sorted(set(got) - set(self.names))
+        bad = [n for n in self.names if n in got and got[n].shape != params[n].shape]
+        if missing or unexpected or bad:
+            raise CheckpointError(f"RL state does not fit this policy / train.trainable: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}, shape mismatches {bad[:5]}")
+        with torch.no_grad():
+            for n in self.names:
+                params[n].copy_(got[n])
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state["version"])
-
-
-def explore_std(section: TrainSection) -> float:
-    if section.explore_std is not None:
-        return float(section.explore_std)
-    return 0.05 if section.algorithm == "policy_gradient" else 0.0
+        rs = float(state.get("reward_std", -1.0))
+        self.reward_std = None if rs < 0 else rs
