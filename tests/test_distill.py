@@ -1,5 +1,6 @@
 """`marval-rl distill` and the MARVAL one-step student: real training steps, resume, replay, bad input."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from conftest import TINY_MAR, tiny_constructor
 from marval_rl.cli import main
-from marval_rl.config import DistillSection, ModelSection
+from marval_rl.config import DistillSection, ModelSection, RecipeError, load_recipe
 from marval_rl.loading import load_generator
 from marval_rl.models import AutoencoderKL, VAEConfig, load_official_mar, load_pretrained, save_pretrained
 from marval_rl.models.one_step import MARVAL, OneStepSampler
@@ -87,8 +88,8 @@ def test_distill_few_steps_and_exact_resume(pair, tmp_path, capsys):
 
 
 def test_distill_bad_input(pair, tmp_path, capsys):
-    assert main(args(pair, tmp_path, "distill.guidance_w=-1")) == 2
-    assert "guidance_w must be >= 0" in capsys.readouterr().err
+    assert main(args(pair, tmp_path, "distill.cfg=0.5")) == 2
+    assert "distill.cfg must be >= 1 (MAR's guidance scale, 1 = no guidance), got 0.5" in capsys.readouterr().err
     assert main(args(pair, tmp_path, "distill.huber_r=0")) == 2
     assert "huber_r must be > 0" in capsys.readouterr().err
     # teacher/VAE pair of different latent sizes (a stride-4 VAE for a stride-16 teacher)
@@ -106,3 +107,22 @@ def test_distill_bad_input(pair, tmp_path, capsys):
     from marval_rl.models.checkpoints import CheckpointError
     with pytest.raises(CheckpointError, match="'mar' checkpoint, but a 'marval' is expected"):
         load_generator(ModelSection(checkpoint=str(pair / "teacher")), expected="marval")
+
+
+def test_guidance_key_is_mars_cfg(tmp_path, capsys):
+    """distill.cfg is MAR's scale (1 = none); the paper's 1.2 for B/L/H, 2.2 for the shipped embedded student."""
+    recipes = Path(__file__).parents[1] / "recipes"
+    assert DistillSection().cfg == 1.2
+    for name in ("distill_b", "distill_l", "distill_h"):
+        assert load_recipe(recipes / f"{name}.yaml").distill.cfg == 1.2, name
+    assert load_recipe(RECIPE).distill.cfg == 2.2   # what marval_rl/assets/embedded/student was distilled at
+    # the old key, (1 + w) eps(c) - w eps(null), fails naming what it became, from a file and an override
+    old = tmp_path / "old.yaml"
+    old.write_text(RECIPE.read_text().replace("distill:\n", "distill:\n  guidance_w: 1.2\n"))
+    msg = "recipe key 'distill.guidance_w' is now 'distill.cfg' (distill.guidance_w=1.2 is distill.cfg=2.2)"
+    with pytest.raises(RecipeError, match=re.escape(msg)):
+        load_recipe(old)
+    assert main(["validate", str(RECIPE), "distill.guidance_w=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "(distill.guidance_w=0.5 is distill.cfg=1.5)" in err, err
+    assert "cfg = 1 + guidance_w" in err

@@ -5,9 +5,12 @@ One step:
      the frozen teacher backbone gives z_c (class) and z_null (null class) at the masked positions;
   2. the student draws every masked token in ONE call: x = g_theta(noise, z);
   3. phi-update(s): the ordinary diffusion (eps-MSE) loss of S_phi on sg[x], t ~ U{0..999};
-  4. theta-update: the GSIM loss (``gsim.py``) with the guided teacher eps
-     (1 + w) eps_T(x_t, z_c) - w eps_T(x_t, z_null) and S_phi, both frozen, gradients reaching theta
-     through x_t = a_t x + s_t eps.
+  4. theta-update: the GSIM loss (``gsim.py``) with the guided teacher eps in MAR's convention,
+     eps_T(x_t, z_null) + cfg (eps_T(x_t, z_c) - eps_T(x_t, z_null)) (cfg = 1: no guidance), and S_phi,
+     both frozen, gradients reaching theta through x_t = a_t x + s_t eps. ``huber_axis="token"`` draws
+     one t per token and takes the pseudo-Huber norm per token; ``"sample"`` draws one t per sample
+     and takes the norm over all of that sample's masked tokens (the theorem's setting in both cases:
+     one diffusion time per variable the norm is taken over).
 Checkpoints hold student, S_phi, both optimisers, the EMA, the generator and the step: a killed run
 resumes exactly. The EMA student is what gets saved as the policy.
 """
@@ -33,8 +36,8 @@ from marval_rl.training import EMA, lr_at, make_optimizer, set_lr
 
 
 def check_section(s: DistillSection) -> None:
-    if s.guidance_w < 0:
-        raise ValueError(f"distill.guidance_w must be >= 0 (0 = no guidance), got {s.guidance_w}")
+    if not s.cfg >= 1:
+        raise ValueError(f"distill.cfg must be >= 1 (MAR's guidance scale, 1 = no guidance), got {s.cfg}")
     if s.huber_r <= 0:
         raise ValueError(f"distill.huber_r must be > 0, got {s.huber_r}")
     if s.huber_axis not in ("token", "sample"):
@@ -104,15 +107,26 @@ class GSIMDistiller:
         self.opt_f.step()
         return loss.item()
 
+    def draw_timesteps(self, rows: int, bsz: int, gen: torch.Generator, dev) -> torch.Tensor:
+        """Generator-loss times for ``rows`` masked tokens (batch-major, ``rows // bsz`` per sample):
+        one t per token (``huber_axis="token"``) or one t per sample, repeated over its tokens."""
+        s = self.s
+        n = rows if s.huber_axis == "token" else bsz
+        t = torch.randint(s.t_min, s.t_max + 1, (n,), generator=gen, device=gen.device).to(dev)
+        return t if s.huber_axis == "token" else t.repeat_interleave(rows // bsz)
+
     def generator_loss(self, x, z_c, z_u, bsz, gen):
+        t = self.draw_timesteps(len(x), bsz, gen, x.device)
+        return self.generator_loss_at(x, z_c, z_u, bsz, t, self._rand(x.shape, gen, x.device))
+
+    def generator_loss_at(self, x, z_c, z_u, bsz, t, eps):
+        """The GSIM loss of the student tokens ``x`` [rows, C] at given times ``t`` [rows] and noise."""
         s, dev = self.s, x.device
-        t = torch.randint(s.t_min, s.t_max + 1, (len(x),), generator=gen, device=gen.device).to(dev)
-        eps = self._rand(x.shape, gen, dev)
         sigma = self.sigma.to(dev)[t, None]
         x_t = self.sqrt_ab.to(dev)[t, None] * x + sigma * eps
         out = self.teacher.diffloss.net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([z_c, z_u]))
         eps_c, eps_u = out[:, : self.C].chunk(2)
-        eps_teacher = (1 + s.guidance_w) * eps_c - s.guidance_w * eps_u
+        eps_teacher = eps_u + s.cfg * (eps_c - eps_u)        # MAR's CFG: cfg = 1 is the conditional eps
         self.fake.requires_grad_(False)
         eps_fake = self.fake(x_t, t, z_c)[:, : self.C]
         self.fake.requires_grad_(True)
@@ -121,9 +135,14 @@ class GSIMDistiller:
             loss = gsim_loss_eps(eps_fake, eps_teacher, eps, sigma, s.huber_r, -1, s.detach_dprime, weight)
         else:  # one norm over all masked tokens of a sample (rows are batch-major, equal count per sample)
             shape = (bsz, -1, self.C)
-            w = None if weight is None else weight.reshape(bsz, -1).mean(1)
+            t_s = t.reshape(bsz, -1)
+            if not torch.equal(t_s, t_s[:, :1].expand_as(t_s)):
+                raise ValueError("huber_axis='sample' needs one t per sample (a per-sample norm over tokens "
+                                 "at different times is no score divergence)")
+            sig_s = sigma.reshape(bsz, -1)[:, :1, None]       # [bsz, 1, 1]: the sample's one sigma_t
+            w = None if weight is None else sig_s.reshape(bsz)
             loss = gsim_loss_eps(eps_fake.reshape(shape), eps_teacher.reshape(shape), eps.reshape(shape),
-                                 sigma.reshape(bsz, -1, 1), s.huber_r, (1, 2), s.detach_dprime, w)
+                                 sig_s, s.huber_r, (1, 2), s.detach_dprime, w)
         gap = (eps_teacher - eps_fake).square().sum(-1).sqrt().mean()
         return loss.mean(), {"score_gap": gap.item()}
 
