@@ -181,7 +181,7 @@ def sample_tokens(model, bsz: int | None = None, labels=None, num_iter: int = 64
     record = SampleRecord(orders=orders, labels=labels, num_iter=int(num_iter), cfg=float(cfg),
                           cfg_schedule=cfg_schedule, temperature=float(temperature))
 
-    tokens = torch.zeros(bsz, L, C, device=device)
+    tokens = torch.zeros(bsz, L, C, device=device, dtype=model.dtype)  # the model's dtype (bf16, float64, ...)
     mask = torch.ones(bsz, L, device=device)
     null = model.fake_latent.expand(bsz, -1)
     for step in tqdm(range(num_iter), disable=not progress, desc="AR steps", leave=False):

@@ -195,8 +195,12 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict:
 
 
 def load_pretrained(directory: str | os.PathLike, expected: str | None = None,
-                    map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a directory written by :func:`save_pretrained`; ``expected`` names the architecture wanted."""
+                    map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a directory written by :func:`save_pretrained`; ``expected`` names the architecture wanted.
+
+    ``dtype``: the floating-point dtype of the loaded model. None builds it in float32 whatever the
+    file stores (a float16-stored file loads as float32); give e.g. ``torch.bfloat16`` or
+    ``torch.float64`` to load a model saved in that dtype bit for bit."""
     directory = Path(directory)
     doc = read_pretrained_config(directory)
     arch = doc["architecture"]
@@ -216,5 +220,7 @@ def load_pretrained(directory: str | os.PathLike, expected: str | None = None,
         model = cls(cls.config_class.from_dict(doc["config"]))
     check_state_dict(model, sd, str(weights))
     model = model.to_empty(device=map_location)
+    if dtype is not None:
+        model = model.to(dtype)
     model.load_state_dict(sd, strict=True)
     return model.eval()

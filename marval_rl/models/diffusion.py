@@ -71,10 +71,11 @@ def space_timesteps(num_timesteps: int, spec: str | int | list[int]) -> list[int
     return sorted(set(kept))
 
 
-def _gather(table: Tensor, t: Tensor, ndim: int) -> Tensor:
-    """table[t] cast to float32, shaped [N, 1, ...] to broadcast against an ndim-dimensional x."""
-    out = table.to(t.device)[t].float()
-    return out.view(-1, *([1] * (ndim - 1)))
+def _gather(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    """table[t] shaped [N, 1, ...] to broadcast against x, cast to x's dtype but at least float32
+    (float32 for float32 / bf16 / fp16 x as the reference, float64 for a float64 x)."""
+    out = table.to(t.device)[t].to(torch.promote_types(x.dtype, torch.float32))
+    return out.view(-1, *([1] * (x.dim() - 1)))
 
 
 def _normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -165,14 +166,13 @@ class GaussianDiffusion:
         self._check_t(x0, t)
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        return (_gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
-                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) * noise)
+        return (_gather(self.sqrt_alphas_cumprod, t, x0) * x0
+                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        n = x_t.dim()
-        mean = _gather(self.posterior_mean_coef1, t, n) * x0 + _gather(self.posterior_mean_coef2, t, n) * x_t
-        return mean, _gather(self.posterior_variance, t, n), _gather(self.posterior_log_variance_clipped, t, n)
+        mean = _gather(self.posterior_mean_coef1, t, x_t) * x0 + _gather(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, _gather(self.posterior_variance, t, x_t), _gather(self.posterior_log_variance_clipped, t, x_t)
 
     # ----------------------------------------------------------------------------------- reverse
     def p_mean_variance(self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_x0: float | None = None) -> dict:
@@ -187,15 +187,14 @@ class GaussianDiffusion:
             raise ValueError(f"model output must have shape [{x_t.shape[0]}, {2 * c}, ...], "
                              f"got {tuple(model_output.shape)}")
         eps, var_values = torch.split(model_output, c, dim=1)
-        n = x_t.dim()
         # v in [-1, 1] interpolates the log-variance between the posterior's (min) and beta_t (max);
         # it is deliberately not clamped.
-        min_log = _gather(self.posterior_log_variance_clipped, t, n)
-        max_log = _gather(self.log_betas, t, n)
+        min_log = _gather(self.posterior_log_variance_clipped, t, x_t)
+        max_log = _gather(self.log_betas, t, x_t)
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
-        pred_xstart = (_gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t
-                       - _gather(self.sqrt_recipm1_alphas_cumprod, t, n) * eps)
+        pred_xstart = (_gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                       - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
         if clip_x0 is not None:
             pred_xstart = pred_xstart.clamp(-clip_x0, clip_x0)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)

@@ -18,15 +18,20 @@ from .diffusion import GaussianDiffusion
 Tensor = torch.Tensor
 
 
-def timestep_features(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features of integer timesteps (original 1000-step scale): [cos | sin]."""
+def timestep_features(t: Tensor, dim: int = 256, max_period: float = 10000.0,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sinusoidal features of integer timesteps (original 1000-step scale): [cos | sin], in ``dtype``.
+
+    Computed in float64 for a float64 ``dtype`` and in float32 (the reference's arithmetic) otherwise,
+    then cast: in bf16 / fp16 the angles t * f (up to 999 rad) would keep no usable phase."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=work, device=t.device) / half)
+    args = t[:, None].to(work) * freqs[None]
     feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         feats = torch.cat([feats, torch.zeros_like(feats[:, :1])], dim=-1)
-    return feats
+    return feats.to(dtype)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -41,7 +46,7 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_features(t, self.frequency_embedding_size))
+        return self.mlp(timestep_features(t, self.frequency_embedding_size, dtype=self.mlp[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
@@ -112,9 +117,11 @@ class SimpleMLPAdaLN(nn.Module):
             raise ValueError(f"row counts differ: x {tuple(x.shape)}, t {tuple(t.shape)}, c {tuple(c.shape)}")
 
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        """Runs in the parameters' dtype (x and c are cast to it); the output has that dtype."""
         self._check(x, t, c)
-        h = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
+        dtype = self.input_proj.weight.dtype
+        h = self.input_proj(x.to(dtype))
+        y = self.time_embed(t) + self.cond_embed(c.to(dtype))
         for block in self.res_blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, y, use_reentrant=False)
@@ -187,6 +194,9 @@ class DiffLoss(nn.Module):
         """
         if randn is None:
             randn = lambda shape: torch.randn(shape, device=z.device)  # noqa: E731
+        # The chain's state x is in the net's dtype but at least float32 (a bf16 net gets a float32
+        # state): at t = 999 the x0 estimate is a difference of two terms ~2e4 times the token scale.
+        state = torch.promote_types(self.net.input_proj.weight.dtype, torch.float32)
         diffusion = self.gen_diffusion if diffusion is None else diffusion
         clip_x0 = self.clip_x0 if clip_x0 is None else clip_x0
         if z.dim() != 2 or z.shape[1] != self.net.z_channels:
@@ -195,9 +205,9 @@ class DiffLoss(nn.Module):
             if z.shape[0] % 2:
                 raise ValueError(f"with cfg != 1, z must hold [cond; uncond] rows (even count), got {z.shape[0]}")
             # cond and uncond halves share the same initial noise.
-            noise = randn((z.shape[0] // 2, self.in_channels))
+            noise = randn((z.shape[0] // 2, self.in_channels)).to(state)
             noise = torch.cat([noise, noise], dim=0)
             return diffusion.p_sample_loop(self.net.forward_with_cfg, noise, temperature, randn, clip_x0,
                                            c=z, cfg_scale=cfg)
-        noise = randn((z.shape[0], self.in_channels))
+        noise = randn((z.shape[0], self.in_channels)).to(state)
         return diffusion.p_sample_loop(self.net.forward, noise, temperature, randn, clip_x0, c=z)

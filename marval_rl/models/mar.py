@@ -328,6 +328,11 @@ class MAR(nn.Module):
     def device(self) -> torch.device:
         return self.fake_latent.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype; generation follows it (``sample_tokens`` tokens, head features)."""
+        return self.fake_latent.dtype
+
 
 def mar_base(**kw) -> MAR:
     return MAR("mar_base", **kw)

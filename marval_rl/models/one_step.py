@@ -43,10 +43,11 @@ class OneStepHead(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher_net: SimpleMLPAdaLN, init_timestep: int = 950) -> "OneStepHead":
+        ref = next(teacher_net.parameters())
         head = cls(teacher_net.in_channels, teacher_net.z_channels, teacher_net.model_channels,
-                   len(teacher_net.res_blocks), init_timestep)
+                   len(teacher_net.res_blocks), init_timestep).to(ref.dtype)  # the teacher's dtype, exactly
         head.net.load_state_dict(teacher_net.state_dict())
-        return head.to(next(teacher_net.parameters()).device)
+        return head.to(ref.device)
 
     def forward(self, noise: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if noise.shape[0] != z.shape[0] or noise.shape[1] != self.token_channels:
@@ -109,7 +110,7 @@ class MARVAL(MAR):
 
     @classmethod
     def from_teacher(cls, teacher: MAR, init_timestep: int = 950) -> "MARVAL":
-        student = cls(MARVALConfig(mar=teacher.config.to_dict(), init_timestep=init_timestep))
+        student = cls(MARVALConfig(mar=teacher.config.to_dict(), init_timestep=init_timestep)).to(teacher.dtype)
         own = student.state_dict()
         own.update({k: v for k, v in teacher.state_dict().items() if not k.startswith("diffloss.")})
         own.update({f"one_step.net.{k}": v for k, v in teacher.diffloss.net.state_dict().items()})
