@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from marval_rl.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, build_vae, kl16_config
+from numerics import EPS64, MaxActivation, assert_within, count_stages, network_bound
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_VAE = FIXTURES / "tiny_vae"
@@ -79,6 +80,13 @@ def kl16_closed_form(tiny_cfg) -> tuple[AutoencoderKL, dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
+def kl16_float64(kl16_closed_form) -> AutoencoderKL:
+    """The same (float32) closed-form weights in float64: the reference the goldens are held to."""
+    import copy
+    return copy.deepcopy(kl16_closed_form[0]).double()
+
+
+@pytest.fixture(scope="module")
 def manifest() -> dict:
     return json.loads((FIXTURES / "mar_state_dict_manifest.json").read_text())["models"]["vae_kl16"]
 
@@ -87,6 +95,7 @@ def manifest() -> dict:
 # Parity with the official implementation
 # ------------------------------------------------------------------------------------------------------------
 def test_weight_rule_matches_param_checks(kl16_closed_form, tiny_cfg):
+    # Catches: a re-implemented weight rule that differs from the golden's (every parity check would drift).
     _, sd = kl16_closed_form
     checks = tiny_cfg["param_checks"]
     assert set(checks) == set(sd)
@@ -101,31 +110,58 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def _bound(model64, part, fn, *args, eps=None):
+    """float64 output of ``fn`` and its float32 bound B = 3 sqrt(S) eps32 M (tests/numerics.py): S the
+    rounding stages of ``part`` (convs, GroupNorms, attention), M the largest float64 activation."""
+    with MaxActivation(model64) as mx:
+        out = fn(*(a.double() for a in args))
+    kw = {} if eps is None else {"eps": eps}
+    last = out.moments if isinstance(out, DiagonalGaussian) else out
+    return out, network_bound(max(mx.value, float(last.abs().max())), count_stages(part), **kw)
+
+
 @torch.no_grad()
-def test_golden_encoder_side(kl16_closed_form, golden):
+def test_golden_encoder_side(kl16_closed_form, kl16_float64, golden):
+    # Catches: encoder bugs (asymmetric downsample pad, attention placement, GroupNorm eps, moments split).
     vae, _ = kl16_closed_form
+    v64 = kl16_float64
     image = golden["image"]
-    # Values are O(1) (max |x| ~1.7); observed max diffs are ~2e-6, so 5e-5 leaves a 25x margin for other
-    # BLAS/conv back-ends and thread counts.
-    assert _max_diff(vae.encoder(image), golden["encoder_out"]) < 5e-5
+    enc_part = torch.nn.ModuleList([v64.encoder, v64.quant_conv])
+    enc64, b_enc = _bound(v64, v64.encoder, v64.encoder, image)
+    assert_within(enc64, golden["encoder_out"], b_enc, "float64 encoder")
+    assert_within(vae.encoder(image), golden["encoder_out"], 2 * b_enc, "float32 encoder")
+    post64, b_post = _bound(v64, enc_part, v64.encode, image)
     post = vae.encode(image)
-    for name in ("moments", "mean", "logvar", "std"):
-        assert _max_diff(getattr(post, name), golden[name]) < 5e-5, name
+    for name in ("moments", "mean", "logvar"):
+        assert_within(getattr(post64, name), golden[name], b_post, f"float64 {name}")
+        assert_within(getattr(post, name), golden[name], 2 * b_post, f"float32 {name}")
+    # std = exp(logvar / 2): the logvar error times d std / d logvar = std / 2, plus exp's ulp.
+    b_std = b_post * post64.std / 2 + 2 * torch.finfo(torch.float32).eps * post64.std
+    assert_within(post64.std, golden["std"], b_std, "float64 std")
+    assert_within(post.std, golden["std"], 2 * b_std, "float32 std")
 
 
 @torch.no_grad()
-def test_golden_decoder_side(kl16_closed_form, golden):
+def test_golden_decoder_side(kl16_closed_form, kl16_float64, golden):
+    # Catches: decoder bugs (level order, extra block per level, nearest upsampling, latent scale).
     vae, _ = kl16_closed_form
-    # Decoded values reach |x| ~3.3 after 40 conv layers; observed max diffs ~4e-6, tolerance 2e-4.
-    assert _max_diff(vae.decode(golden["latent"]), golden["decoded"]) < 2e-4
+    v64 = kl16_float64
+    dec_part = torch.nn.ModuleList([v64.post_quant_conv, v64.decoder])
+    dec64, b_dec = _bound(v64, dec_part, v64.decode, golden["latent"])
+    assert_within(dec64, golden["decoded"], b_dec, "float64 decode")
+    assert_within(vae.decode(golden["latent"]), golden["decoded"], 2 * b_dec, "float32 decode")
     assert vae.config.latent_scale == pytest.approx(float(golden["scale_factor"]))
-    assert _max_diff(vae.decode_tokens(golden["tokens_for_scaled_decode"]), golden["decoded_from_tokens"]) < 2e-4
+    tok64, b_tok = _bound(v64, dec_part, v64.decode_tokens, golden["tokens_for_scaled_decode"])
+    assert_within(tok64, golden["decoded_from_tokens"], b_tok, "float64 decode_tokens")
+    assert_within(vae.decode_tokens(golden["tokens_for_scaled_decode"]), golden["decoded_from_tokens"],
+                  2 * b_tok, "float32 decode_tokens")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Structure: keys, order, shapes, parameter counts
 # ------------------------------------------------------------------------------------------------------------
 def test_state_dict_matches_manifest(manifest):
+    # Catches: a key, order, shape or parameter count that would stop kl16.ckpt from loading strictly.
     with torch.device("meta"):
         vae = build_vae(kl16_config())
     sd = vae.state_dict()
@@ -158,8 +194,22 @@ def test_manifest_constructor_is_default_config(manifest):
 SMALL = dict(ch=32, ch_mult=(1, 2, 2), attn_resolutions=(), num_groups=8, resolution=32, embed_dim=4, z_channels=4)
 
 
+@torch.no_grad()
+def test_float64_run_to_run():
+    # Catches: batch coupling (a norm over the batch, attention across images) in encoder or decoder.
+    torch.manual_seed(0)
+    v64 = build_vae(SMALL).double().eval()  # the mid blocks hold the attention
+    image = torch.rand(1, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    pair = torch.cat([image, image.flip(-1)])
+    enc, b = _bound(v64, v64, lambda x: v64.decode(v64.encode(x).mean), pair, eps=EPS64)  # ~1e-12
+    for i in range(2):
+        assert_within(v64.decode(v64.encode(pair[i:i + 1]).mean), enc[i:i + 1], 2 * b, f"image {i} alone")
+    assert b < 1e-10
+
+
 @pytest.mark.parametrize("size", [32, 64])
 def test_small_vae_shapes(size):
+    # Catches: stride / channel bookkeeping errors for non-KL-16 configs; tokens not mean * latent_scale.
     torch.manual_seed(0)
     vae = build_vae(SMALL).eval()
     assert vae.config.stride == 4
@@ -183,6 +233,7 @@ def test_small_vae_stride8_with_attention():
 
 
 def test_gradient_flows_from_decode_to_latents():
+    # Catches: a decoder that detaches its input (reward gradients could not reach the tokens).
     torch.manual_seed(0)
     vae = build_vae(SMALL)
     tokens = torch.randn(2, 4, 8, 8, requires_grad=True)
@@ -242,6 +293,7 @@ def test_rejects_bad_configs():
 # Posterior
 # ------------------------------------------------------------------------------------------------------------
 def test_diagonal_gaussian():
+    # Catches: wrong mean / logvar split, std vs var in sample(), KL sign or sum convention.
     moments = torch.randn(2, 8, 3, 5)
     post = DiagonalGaussian(moments)
     assert post.mean.shape == post.std.shape == post.logvar.shape == post.var.shape == (2, 4, 3, 5)
@@ -260,6 +312,7 @@ def test_diagonal_gaussian():
 
 
 def test_logvar_is_clamped():
+    # Catches: a missing logvar clamp (exp overflows to inf for untrained or adversarial inputs).
     moments = torch.cat([torch.zeros(1, 2, 1, 1), torch.tensor([-100.0, 100.0]).view(1, 2, 1, 1)], dim=1)
     post = DiagonalGaussian(moments)
     assert post.logvar.flatten().tolist() == [-30.0, 20.0]
@@ -267,6 +320,7 @@ def test_logvar_is_clamped():
 
 
 def test_encode_tokens_sampling_is_seeded(small_vae):
+    # Catches: posterior sampling ignoring the generator, or returning the mean when asked to sample.
     images = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         t1 = small_vae.encode_tokens(images, generator=torch.Generator().manual_seed(3))
