@@ -189,6 +189,7 @@ class TrainSection:
     prompt_template: str = "photo"       # key of marval_rl.data.prompts.TEMPLATES or a string with {}
     class_names: list = field(default_factory=list)  # entity names per class id; empty = emoji-56 / ImageNet
     trainable: list = field(default_factory=lambda: ["head"])  # parameter groups: head | class_embedding | backbone | all
+    group_lr: dict = field(default_factory=dict)  # lr per trainable group (e.g. {head: 1e-5}); others: optim.lr
     # reward gradient
     grad_last_k: Optional[int] = None    # backprop through the last k AR steps only (None = all K)
     detach_context: bool = False         # earlier steps' tokens enter later steps' context detached

@@ -17,27 +17,35 @@ from marval_rl.config import OptimSection
 from marval_rl.models.checkpoints import atomic_write, torch_load_safely
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_prefixes: tuple[str, ...] = ()):
+def param_groups(model: nn.Module, weight_decay: float, no_decay_prefixes: tuple[str, ...] = (),
+                 lr_scale=None):
     """AdamW groups: no decay on biases, 1-D parameters (norms, gains) and the listed sub-modules.
 
-    MAR excludes its whole diffusion head from weight decay (``no_decay_prefixes=("diffloss",)``)."""
-    decay, no_decay = [], []
+    MAR excludes its whole diffusion head from weight decay (``no_decay_prefixes=("diffloss",)``).
+    ``lr_scale(name) -> float`` splits the groups further by a per-parameter lr multiplier (kept in each
+    group as ``lr_scale`` and applied by :func:`set_lr`)."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name.startswith(no_decay_prefixes):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name.startswith(no_decay_prefixes)
+        scale = float(lr_scale(name)) if lr_scale is not None else 1.0
+        groups.setdefault((no_decay, scale), []).append(p)
+    if lr_scale is None:  # the historical two groups, in this order (optimizer state of old checkpoints)
+        return [{"params": groups.get((False, 1.0), []), "weight_decay": weight_decay},
+                {"params": groups.get((True, 1.0), []), "weight_decay": 0.0}]
+    return [{"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr_scale": sc}
+            for (nd, sc), ps in sorted(groups.items())]
 
 
-def make_optimizer(model: nn.Module, optim: OptimSection, no_decay_prefixes=()) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, optim: OptimSection, no_decay_prefixes=(), lr_scale=None) -> torch.optim.AdamW:
     if optim.lr <= 0 or optim.batch_size < 1:
         raise ValueError(f"optim needs lr > 0 and batch_size >= 1; got lr={optim.lr}, "
                          f"batch_size={optim.batch_size}")
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay, no_decay_prefixes), lr=optim.lr,
-                             betas=tuple(optim.betas))
+    groups = param_groups(model, optim.weight_decay, no_decay_prefixes, lr_scale)
+    for g in groups:
+        g["lr"] = optim.lr * g.get("lr_scale", 1.0)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
 
 
 def lr_at(step: int, optim: OptimSection) -> float:
@@ -49,7 +57,7 @@ def lr_at(step: int, optim: OptimSection) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float):
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 class EMA:

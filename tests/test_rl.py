@@ -43,7 +43,8 @@ def metrics(out):
 
 
 def test_reward_gradient_replays_exactly_and_raises_reward(setup, tmp_path, capsys):
-    summary = run_training(recipe(setup, tmp_path, "train.iterations=4"), use_ray=False, progress=False)
+    summary = run_training(recipe(setup, tmp_path, "train.iterations=4", "train.optim.lr=1e-3"), use_ray=False,
+                           progress=False)
     m = metrics(tmp_path)
     assert all(x["replay_max_abs_diff"] == 0.0 for x in m)          # the trainer's replay IS the rollout
     assert summary["optimised_last"] > summary["optimised_first"] + 0.01
@@ -51,6 +52,12 @@ def test_reward_gradient_replays_exactly_and_raises_reward(setup, tmp_path, caps
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1])["iterations"] == 4 and "| reward/total |" in "\n".join(out)
     assert (tmp_path / "reward_curve.png").is_file() and (tmp_path / "policy" / "config.json").is_file()
+    # the fixed eval set: gain in units of the starting spread (catches a gain divided by the wrong std)
+    k = "reward/total"
+    gain = (summary["eval_last"][k] - summary["eval_first"][k]) / summary["eval_std_first"][k]
+    assert summary["eval_gain_sigma"][k] == pytest.approx(gain) and gain > 0
+    assert summary["eval_real"] == {} and summary["fid_proxy_first"] is None   # no real ceiling for these classes
+    assert (tmp_path / "before_after.png").is_file()
 
 
 def test_policy_gradient_ratio_is_one_on_policy(setup, tmp_path):

@@ -258,3 +258,24 @@ def test_bad_rl_input_is_one_line_exit_2(models, tmp_path, capsys, override, mes
     assert code == 2
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "o" / "rl_state.pt").exists()
+
+
+def test_policy_ema_is_what_eval_scores_and_what_is_saved(models, tmp_path):
+    # catches: an EMA that is never updated, updated with the wrong rate, or not the weights saved
+    from marval_rl.models.checkpoints import load_pretrained
+
+    r = recipe(models, tmp_path, "train.optim.ema=0.5", "train.iterations=1", "train.optim.lr=1e-2")
+    from marval_rl.loading import load_generator, load_vae
+
+    trainer = RLTrainer(load_generator(r.model), load_vae(r.vae), RewardSet(r.train.rewards), r.train)
+    before = {n: v.clone() for n, v in trainer.ema.items()}
+    trainer.update([_rollout(trainer, [0, 1, 2, 3])])
+    live = dict(trainer.policy.named_parameters())
+    for n, v in trainer.ema.items():
+        torch.testing.assert_close(v, 0.5 * before[n] + 0.5 * live[n].detach(), rtol=0, atol=1e-7)
+    assert any(not torch.equal(v, before[n]) for n, v in trainer.ema.items())
+    run_training(r, use_ray=False, progress=False)
+    saved = dict(load_pretrained(tmp_path / "policy").named_parameters())
+    state = torch.load(tmp_path / "rl_state.pt", weights_only=True)["trainer"]
+    for n, v in state["ema"].items():
+        assert torch.equal(saved[n], v) and not torch.equal(saved[n], state["trainable"][n])

@@ -119,6 +119,11 @@ def check_train_recipe(recipe: Recipe) -> None:
     bad = [g for g in s.trainable if g not in TRAINABLE_GROUPS]
     if bad or not s.trainable:
         raise ValueError(f"train.trainable must name some of {sorted(TRAINABLE_GROUPS)}, got {list(s.trainable)}")
+    bad_lr = {g: v for g, v in dict(s.group_lr).items()
+              if g not in s.trainable or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
+    if bad_lr:
+        raise ValueError(f"train.group_lr must map groups of train.trainable ({list(s.trainable)}) to finite lrs > 0, "
+                         f"got {bad_lr}")
     if s.eval_real not in ("auto", "off"):
         raise ValueError(f"train.eval_real must be 'auto' or 'off', got {s.eval_real!r}")
     cores = os.cpu_count() or 1
@@ -204,7 +209,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
         if judge is not None:
             real = judge.score_real(policy.config.img_size)
             if first is None:
-                executor.set_weights(trainer.weights())
+                executor.set_weights(trainer.weights(averaged=True))
                 first = judge.run(executor, trainer.version, 0)
         bar = tqdm(range(start, end), initial=start, total=s.iterations, desc="RL", disable=not progress)
         for it in bar:
@@ -226,7 +231,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
                 metrics = {k: all_mean(v) if k.startswith(("reward/", "gold/")) else v for k, v in metrics.items()}
                 metrics["world_size"] = world_size
             if judge is not None and s.eval_every and (it + 1) % s.eval_every == 0 and it + 1 < s.iterations:
-                executor.set_weights(trainer.weights())
+                executor.set_weights(trainer.weights(averaged=True))
                 metrics.update(judge.run(executor, trainer.version, it + 1).log_row(first))
             history.append(metrics)
             if hasattr(executor, "report"):
@@ -239,14 +244,14 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
             if (s.checkpoint_every and (it + 1) % s.checkpoint_every == 0) or it + 1 == end:
                 save_state(it + 1)
         if judge is not None and end == s.iterations:
-            executor.set_weights(trainer.weights())
+            executor.set_weights(trainer.weights(averaged=True))
             last = judge.run(executor, trainer.version, end)
     finally:
         executor.shutdown()
     if rank != 0:
         finish()
         return {"rank": rank}
-    policy_dir = save_pretrained(trainer.policy, out / "policy",
+    policy_dir = save_pretrained(trainer.final_policy(), out / "policy",
                                  metadata={"stage": "rl", "algorithm": s.algorithm, "version": trainer.version})
     keys = ["reward/total"] + [k for k in history[-1] if k.startswith(("reward/", "gold/")) and k != "reward/total"] \
         if history else []

@@ -69,7 +69,10 @@ class PolicyView:
         z = self.policy.condition(ctx, mask, labels)
         if self.reference is None:
             return z
-        return torch.cat([z, self.reference.condition(ctx, mask, labels)], -1)
+        # with a detached context z_ref depends on nothing that trains: no graph is needed (exact, cheaper)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_context):
+            z_ref = self.reference.condition(ctx, mask, labels)
+        return torch.cat([z, z_ref], -1)
 
 
 class GaussianPolicySampler:

@@ -22,7 +22,7 @@ from marval_rl.rl.batch import PolicyWeights, RolloutBatch
 from marval_rl.rl.policy import GaussianPolicySampler, PolicyView, trainable_names
 from marval_rl.rl.update_rules import resolve_update_rule
 from marval_rl.sampling import sample_tokens
-from marval_rl.training import make_optimizer
+from marval_rl.training import lr_at, make_optimizer, set_lr
 
 
 def explore_std(section: TrainSection) -> float:
@@ -51,17 +51,44 @@ class RLTrainer:
         params = dict(policy.named_parameters())
         for n in self.names:
             params[n].requires_grad_(True)
-        self.optimizer = make_optimizer(self.policy, section.optim)
+        self.optimizer = make_optimizer(self.policy, section.optim, lr_scale=self._lr_scale)
+        if not 0.0 <= section.optim.ema < 1.0:
+            raise ValueError(f"train.optim.ema must be in [0, 1) (0 = off), got {section.optim.ema}")
+        # EMA of the trained parameters (train.optim.ema > 0): what the fixed eval scores and what is saved
+        self.ema = {n: params[n].detach().clone() for n in self.names} if section.optim.ema > 0 else None
         self.version = 0
         self.reward_std: float | None = None   # running per-sample std of the optimised reward
+
+    def _lr_scale(self, name: str) -> float:
+        """train.group_lr / train.optim.lr for the first group in train.group_lr that holds ``name``."""
+        from marval_rl.rl.policy import TRAINABLE_GROUPS
+
+        for group, lr in dict(self.s.group_lr).items():
+            if TRAINABLE_GROUPS[group](name):
+                return float(lr) / self.s.optim.lr
+        return 1.0
 
     @property
     def device(self) -> torch.device:
         return self.policy.device
 
-    def weights(self) -> PolicyWeights:
+    def weights(self, averaged: bool = False) -> PolicyWeights:
+        """The trained parameters at this version (their EMA with ``averaged`` when train.optim.ema > 0)."""
+        if averaged and self.ema is not None:
+            return PolicyWeights.of(self.version, self.ema)
         params = dict(self.policy.named_parameters())
         return PolicyWeights.of(self.version, {n: params[n] for n in self.names})
+
+    def final_policy(self) -> MARVAL:
+        """The policy to save: the live weights, or a copy carrying their EMA."""
+        if self.ema is None:
+            return self.policy
+        out = copy.deepcopy(self.policy)
+        params = dict(out.named_parameters())
+        with torch.no_grad():
+            for n, v in self.ema.items():
+                params[n].copy_(v)
+        return out
 
     # ------------------------------------------------------------------ tools of the update rules
     def sampler(self, batch: RolloutBatch, actions=None, with_reference: bool = False) -> GaussianPolicySampler:
@@ -101,8 +128,14 @@ class RLTrainer:
         average_gradients(params)  # no-op in a single process
         params = [p for p in params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")) if params else torch.zeros(())
+        set_lr(self.optimizer, lr_at(self.version, self.s.optim))  # train.optim.warmup_steps: linear warm-up
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            params = dict(self.policy.named_parameters())
+            with torch.no_grad():
+                for n, v in self.ema.items():
+                    v.lerp_(params[n].detach(), 1.0 - self.s.optim.ema)
         check_in_sync(self.policy)
         return float(norm)
 
@@ -119,7 +152,7 @@ class RLTrainer:
     def state_dict(self) -> dict:
         params = dict(self.policy.named_parameters())
         return {"trainable": {n: params[n].detach().clone() for n in self.names},
-                "optimizer": self.optimizer.state_dict(), "version": self.version,
+                "optimizer": self.optimizer.state_dict(), "version": self.version, "ema": self.ema or {},
                 "reward_std": -1.0 if self.reward_std is None else self.reward_std}
 
     def load_state_dict(self, state: dict):
@@ -136,6 +169,10 @@ class RLTrainer:
             for n in self.names:
                 params[n].copy_(got[n])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if set(state.get("ema", {})) != set(self.names):
+                raise CheckpointError("RL state has no EMA of the trained parameters, but train.optim.ema > 0")
+            self.ema = {n: state["ema"][n].clone() for n in self.names}
         self.version = int(state["version"])
         rs = float(state.get("reward_std", -1.0))
         self.reward_std = None if rs < 0 else rs
