@@ -43,6 +43,7 @@ def test_student_starts_as_teacher_x0_prediction():
     t = torch.full((5,), 900)
     ab = float(teacher.diffloss.train_diffusion.alphas_cumprod[900])
     eps = teacher.diffloss.net(noise, t, z)[:, :16]
+    # catches: a wrong eps -> x0 conversion, t* off by one or ignored, the head not copied from the teacher
     torch.testing.assert_close(student.one_step(noise, z), (noise - (1 - ab) ** 0.5 * eps) / ab ** 0.5)
     for k, v in teacher.state_dict().items():  # backbone copied under the official key names
         if not k.startswith("diffloss."):
@@ -56,6 +57,7 @@ def test_student_replay_is_exact_and_roundtrips(tmp_path):
     with torch.no_grad():
         a = sample_tokens(student, labels=[1, 2], num_iter=4, generator=torch.Generator().manual_seed(0))
         b = sample_tokens(student, replay=a.record)
+    # catches: one-step draws that the replay record misses (RL's log-probs would be of other samples)
     assert torch.equal(a.tokens, b.tokens)
     assert [len(d) for d in a.record.noise] == [1, 1, 1, 1]  # one draw per AR step
     with pytest.raises(ValueError, match="guidance distilled in"):
@@ -64,6 +66,7 @@ def test_student_replay_is_exact_and_roundtrips(tmp_path):
     again = load_pretrained(tmp_path / "s", expected="marval")
     with torch.no_grad():
         c = sample_tokens(again, replay=a.record)
+    # catches: save/load dropping or renaming the one-step head's weights or t*
     assert torch.equal(a.tokens, c.tokens)
 
 
@@ -77,11 +80,13 @@ def test_distill_few_steps_and_exact_resume(pair, tmp_path, capsys):
     assert main(args(pair, split, *common, "distill.generator_optim.steps=4")) == 0
     sa = load_pretrained(straight / "student").state_dict()
     sb = load_pretrained(split / "student").state_dict()
+    # catches: a resume that loses S_phi, an optimiser, the EMA or the RNG state (weights or losses drift)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     la = [json.loads(x)["gsim_loss"] for x in (straight / "distill_metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["gsim_loss"] for x in (split / "distill_metrics.jsonl").read_text().splitlines()]
     assert la == lb and len(la) == 4
-    # only the head trained: the backbone is still the teacher's
+    # only the head trained: the backbone is still the teacher's (catches: train_backbone=false ignored,
+    # or the student's head never updated)
     teacher = load_pretrained(pair / "teacher").state_dict()
     assert torch.equal(sa["encoder_blocks.0.attn.qkv.weight"], teacher["encoder_blocks.0.attn.qkv.weight"])
     assert not torch.equal(sa["one_step.net.input_proj.weight"], teacher["diffloss.net.input_proj.weight"])
