@@ -29,7 +29,7 @@ def make(**kw):
 
     S_phi starts as a copy of the teacher's head; here its weights are moved away from the teacher's
     (fixed seed), as training does, without using the trainer's S_phi update: with S_phi equal to the
-    conditional teacher, y = (cfg - 1) (S(c) - S(null)) and the unit vector d'(y) hides cfg."""
+    conditional teacher, y = (1 - cfg) (S(c) - S(null)) and the unit vector d'(y) hides cfg."""
     teacher = load_official_mar(TINY_MAR / "checkpoint.pth", tiny_constructor())
     d = GSIMDistiller(teacher, DistillSection(**{"cfg": CFG, **kw}))
     gen = torch.Generator().manual_seed(0)
