@@ -12,11 +12,8 @@ paths are relative to the current directory, or to ``base_dir`` when given). Not
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import inspect
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +44,12 @@ def known_rewards() -> list[str]:
 
 
 def _load_file_module(path: Path):
-    key = "rewards_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12] + "_" + path.stem.replace("-", "_")
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, path)
-    if spec is None or spec.loader is None:
-        raise RewardError(f"cannot load Python file {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
+    from marval_rl.plugins import load_file_module
+
     try:
-        spec.loader.exec_module(module)
-    except BaseException as e:
-        del sys.modules[key]
-        raise RewardError(f"importing {path} failed: {type(e).__name__}: {e}") from e
-    return module
+        return load_file_module(path, prefix="rewards_user")
+    except ImportError as e:
+        raise RewardError(str(e)) from e
 
 
 def resolve_reward_class(name: str, base_dir: str | Path | None = None) -> type:

@@ -14,7 +14,7 @@ from marval_rl.models import AutoencoderKL, VAEConfig, load_official_mar, save_p
 from marval_rl.models.one_step import MARVAL
 from marval_rl.rl.batch import RolloutBatch
 from marval_rl.rl.controller import run_training
-from marval_rl.rl.policy import GaussianPolicySampler, per_step_sample_mean
+from marval_rl.rl.policy import GaussianPolicySampler
 from marval_rl.rl.rewards import RewardSet
 from marval_rl.rl.trainer import RLTrainer
 from marval_rl.rl.update_rules import UPDATE_RULES, PolicyGradient
@@ -147,9 +147,12 @@ def test_reward_gradient_reaches_the_first_ar_step(models):
     assert full == pytest.approx(numeric, rel=1e-6, abs=1e-9)
 
 
-def test_anchor_is_zero_at_the_reference_and_positive_away(models):
-    # catches: an anchor that compares the policy with itself (always 0) or with a stale reference.
-    trainer = _float64_trainer(models, "train.trainable=[all]", "train.reg_weight=1.0")
+@pytest.mark.parametrize("trainable", ["[all]", "[class_embedding]"])
+def test_anchor_is_zero_at_the_reference_and_positive_away(models, trainable):
+    # catches: an anchor that compares the policy with itself (always 0) or with a stale reference, and
+    # (class_embedding: the head never moves) one that compares only heads on the policy's own z, so a
+    # drifting backbone or class embedding goes unregularised.
+    trainer = _float64_trainer(models, f"train.trainable={trainable}", "train.reg_weight=1.0")
     from marval_rl.rl.policy import per_sample_mean
 
     batch = _rollout(trainer, [0, 1])
@@ -279,3 +282,13 @@ def test_policy_ema_is_what_eval_scores_and_what_is_saved(models, tmp_path):
     state = torch.load(tmp_path / "rl_state.pt", weights_only=True)["trainer"]
     for n, v in state["ema"].items():
         assert torch.equal(saved[n], v) and not torch.equal(saved[n], state["trainable"][n])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    # catches: a shipped recipe left behind by a renamed key or a new check (the README's commands)
+    from marval_rl.rl.controller import check_train_recipe
+
+    r = load_recipe(str(path), [])
+    if r.train.rewards:
+        check_train_recipe(r)

@@ -120,9 +120,9 @@ def check_train_recipe(recipe: Recipe) -> None:
     if bad or not s.trainable:
         raise ValueError(f"train.trainable must name some of {sorted(TRAINABLE_GROUPS)}, got {list(s.trainable)}")
     bad_lr = {g: v for g, v in dict(s.group_lr).items()
-              if g not in s.trainable or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
-    if bad_lr:
-        raise ValueError(f"train.group_lr must map groups of train.trainable ({list(s.trainable)}) to finite lrs > 0, "
+              if g not in TRAINABLE_GROUPS or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
+    if bad_lr:  # a group that does not train is ignored (so overriding train.trainable alone works)
+        raise ValueError(f"train.group_lr must map groups of {sorted(TRAINABLE_GROUPS)} to finite lrs > 0, "
                          f"got {bad_lr}")
     if s.eval_real not in ("auto", "off"):
         raise ValueError(f"train.eval_real must be 'auto' or 'off', got {s.eval_real!r}")
