@@ -132,7 +132,8 @@ class CompositeReward(RewardModel):
             return (values - mean) / (std + self.eps)
         return values
 
-    def score(self, images, prompts, metadata):
+    def optimised(self, images, prompts, metadata) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum (with grad when the images carry it) and each member's raw value (detached)."""
         comps: dict[str, torch.Tensor] = {}
         total = None
         for k, (label, weight, reward) in enumerate(zip(self.labels, self.weights, self.members)):
@@ -140,10 +141,18 @@ class CompositeReward(RewardModel):
             comps[label] = raw.detach()
             term = weight * self._normalize(k, raw.to(torch.promote_types(raw.dtype, torch.float32)))  # fp64 stays fp64
             total = term if total is None else total + term
-        with torch.no_grad():
-            x = images.detach()
-            for label, reward in zip(self.gold_labels, self.gold_members):
-                comps[label] = reward(x, prompts, metadata).detach()
+        return total, comps
+
+    @torch.no_grad()
+    def gold(self, images, prompts, metadata) -> dict[str, torch.Tensor]:
+        """The gold rewards (``gold/<name>``) on the detached images: scored, never optimised."""
+        x = images.detach()
+        return {label: reward(x, prompts, metadata).detach()
+                for label, reward in zip(self.gold_labels, self.gold_members)}
+
+    def score(self, images, prompts, metadata):
+        total, comps = self.optimised(images, prompts, metadata)
+        comps.update(self.gold(images, prompts, metadata))
         comps["total"] = total.detach()
         self.last_components = comps
         return total

@@ -17,6 +17,7 @@ first evaluation) is checkpointed atomically, so a killed run resumes to the sam
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -143,18 +144,11 @@ def summarise_history(history: list[dict], keys: list[str]) -> list[dict]:
 
 
 def _point_state(p: EvalPoint | None) -> dict:
-    if p is None:
-        return {}
-    return {"iteration": p.iteration, "scores": p.scores, "images": p.images,
-            "fid_proxy": -1.0 if p.fid_proxy is None else p.fid_proxy, "spread": -1.0 if p.spread is None else p.spread}
+    return {} if p is None else dataclasses.asdict(p)
 
 
 def _point_from_state(d: dict) -> EvalPoint | None:
-    if not d:
-        return None
-    return EvalPoint(int(d["iteration"]), dict(d["scores"]), d["images"],
-                     None if d["fid_proxy"] < 0 else float(d["fid_proxy"]),
-                     None if d["spread"] < 0 else float(d["spread"]))
+    return EvalPoint(**d) if d else None
 
 
 def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = True,

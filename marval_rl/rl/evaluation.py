@@ -13,7 +13,7 @@ and at the end, in units of its own per-sample spread, beside a ceiling measured
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +31,6 @@ class EvalPoint:
     images: torch.Tensor | None = None           # [N, 3, H, W] uint8
     fid_proxy: float | None = None
     spread: float | None = None                  # within-class feature spread (diversity before normalising)
-    extra: dict = field(default_factory=dict)
 
     def means(self) -> dict[str, float]:
         return {k: v.float().mean().item() for k, v in self.scores.items()}
@@ -115,7 +114,6 @@ class FixedEval:
         prompts = class_prompts(self.class_ids, class_names(), self.prompt_template)
         record = self.rewards.score_all(images, prompts, {"class_ids": ids.to(self.device)})
         self.real = {k: v.float().mean().item() for k, v in record.per_sample().items()}
-        self.real["fid_proxy"] = self.fid.score(images)
         return self.real
 
 

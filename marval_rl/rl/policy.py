@@ -91,7 +91,7 @@ class GaussianPolicySampler:
 
     def __init__(self, head: nn.Module, explore_std: float = 0.0, explore_steps=(), group_size: int = 1,
                  share_noise: bool = False, actions: list[torch.Tensor] | None = None,
-                 reference_head: nn.Module | None = None):
+                 reference_head: nn.Module | None = None, bsz: int | None = None):
         if explore_std < 0 or not math.isfinite(explore_std):
             raise ValueError(f"explore_std must be a finite number >= 0, got {explore_std}")
         if actions is not None and explore_std <= 0:
@@ -102,7 +102,7 @@ class GaussianPolicySampler:
         self.logprobs: list[torch.Tensor] = []
         self.explored: list[bool] = []
         self.reg_rows: list[torch.Tensor] = []
-        self.bsz: int | None = None   # samples per generation; needed only to share noise within groups
+        self.bsz = bsz   # samples per generation; needed only to share noise within groups
 
     def explores(self, step: int) -> bool:
         return self.std > 0 and (not self.explore_steps or step in self.explore_steps)
@@ -113,7 +113,7 @@ class GaussianPolicySampler:
             return randn((rows, C))
         # rows are batch-major with the same count per sample; a group is G consecutive samples
         if self.bsz is None or rows % self.bsz or self.bsz % self.group_size:
-            raise ValueError(f"shared head noise needs sampler.bsz (a multiple of group_size {self.group_size}) "
+            raise ValueError(f"shared head noise needs bsz (a multiple of group_size {self.group_size}) "
                              f"dividing the {rows} token rows; got bsz={self.bsz}")
         per_group = randn((rows // self.group_size, C)).reshape(self.bsz // self.group_size, rows // self.bsz, C)
         return per_group.repeat_interleave(self.group_size, 0).reshape(rows, C)

@@ -67,13 +67,14 @@ class RewardSet:
                              f"train.algorithm=policy_gradient for it")
 
     def total(self, images, prompts, metadata) -> tuple[torch.Tensor, RewardRecord]:
-        """The optimised sum (with grad when the images carry it) and the record of every value (detached)."""
-        total = self.composite(images, prompts, metadata)
-        comps = self.composite.last_components
-        record = RewardRecord(total.detach(), {k: comps[k] for k in self.composite.labels},
-                              {k[len("gold/"):]: comps[k] for k in self.composite.gold_labels})
-        return total, record
+        """The optimised sum (with grad when the images carry it) and its record (detached; no gold:
+        the trainer's replays need only what is optimised)."""
+        total, parts = self.composite.optimised(images, prompts, metadata)
+        return total, RewardRecord(total.detach(), parts)
 
     @torch.no_grad()
     def score_all(self, images, prompts, metadata) -> RewardRecord:
-        return self.total(images, prompts, metadata)[1]
+        """Every value of a rollout: the optimised total, its parts and the gold rewards."""
+        _, record = self.total(images, prompts, metadata)
+        record.gold = {k[len("gold/"):]: v for k, v in self.composite.gold(images, prompts, metadata).items()}
+        return record

@@ -107,8 +107,8 @@ class RolloutWorker:
         g, bsz = torch.Generator().manual_seed(request.seed), len(request.class_ids)
         std = self.spec.explore_std if request.explore else 0.0
         share = request.share_noise and request.group_size > 1
-        sampler = GaussianPolicySampler(self.policy.one_step, std, self.spec.explore_steps, request.group_size, share)
-        sampler.bsz = bsz
+        sampler = GaussianPolicySampler(self.policy.one_step, std, self.spec.explore_steps, request.group_size, share,
+                                        bsz=bsz)
         orders = None
         if share:  # one mask order per group
             if bsz % request.group_size:

@@ -96,8 +96,7 @@ class RLTrainer:
         s = self.s
         sampler = GaussianPolicySampler(self.policy.one_step, self.std if batch.explored else 0.0,
                                         s.explore_steps, s.group_size, batch.shared_noise, actions,
-                                        self.reference.one_step if with_reference else None)
-        sampler.bsz = len(batch.class_ids)
+                                        self.reference.one_step if with_reference else None, len(batch.class_ids))
         return sampler
 
     def replay(self, batch: RolloutBatch, sampler, grad_last_k: int | None = None):
