@@ -96,7 +96,7 @@ def cmd_pretrain(args) -> int:
 
             metrics = build_embedded_evaluators(p.classifier, recipe.data, out)
         else:
-            from rewards.embedded_clip import train_embedded_clip
+            from marval_rl.rewards.embedded_clip import train_embedded_clip
 
             metrics = train_embedded_clip(p.clip, recipe.data, out / "clip", seed=p.seed)
         summary[stage] = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},

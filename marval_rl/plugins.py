@@ -24,7 +24,10 @@ def load_file_module(path: str | Path, prefix: str = "marval_user"):
         spec.loader.exec_module(module)
     except BaseException as e:
         del sys.modules[key]
-        raise ImportError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+        hint = ""
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "rewards":
+            hint = " (the reward interface is imported as `from marval_rl.rewards import RewardModel`)"
+        raise ImportError(f"importing {path} failed: {type(e).__name__}: {e}{hint}") from e
     return module
 
 

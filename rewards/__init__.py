@@ -1,7 +1,7 @@
 """Rewards: one interface (:class:`RewardModel`) for CLIP score, PickScore, ImageReward, FID-proxy,
 classifier probability, composites and user classes; :func:`build_reward` resolves recipe specs.
 
-    from rewards import RewardModel, build_reward, RewardError
+    from marval_rl.rewards import RewardModel, build_reward, RewardError
     reward = build_reward("embedded_clip")
     r = reward(images, prompts)            # images float [B, 3, H, W] in [0, 1] -> tensor [B]
 

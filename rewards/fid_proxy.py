@@ -205,7 +205,7 @@ class FIDProxyReward(RewardModel):
         elif stats is None:
             if features != "classifier":
                 raise RewardError(f"fid_proxy: features={self.features_name!r} needs reference statistics: pass "
-                                  f"stats=<dir from rewards.fid_proxy.compute_feature_stats> or reference_images=")
+                                  f"stats=<dir from marval_rl.rewards.fid_proxy.compute_feature_stats> or reference_images=")
             if classifier is not None:
                 raise RewardError("fid_proxy: a custom classifier needs its own stats= (the shipped stats belong to "
                                   "the shipped classifier)")

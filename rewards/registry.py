@@ -23,15 +23,15 @@ __all__ = ["REWARDS", "build_reward", "resolve_reward_class", "known_rewards", "
 
 # short name -> "module:Class" (imported lazily: building a classifier reward does not import transformers)
 REWARDS: dict[str, str] = {
-    "clip_score": "rewards.clip_score:OpenCLIPScore",
-    "hf_clip_score": "rewards.clip_score:HFCLIPScore",
-    "pickscore": "rewards.pickscore:PickScore",
-    "image_reward": "rewards.image_reward:ImageReward",
-    "fid_proxy": "rewards.fid_proxy:FIDProxyReward",
-    "classifier": "rewards.classifier:ClassifierReward",
-    "efficientnet_classifier": "rewards.classifier:EfficientNetClassifierReward",
-    "embedded_clip": "rewards.embedded_clip:EmbeddedCLIPScore",
-    "composite": "rewards.composite:CompositeReward",
+    "clip_score": "marval_rl.rewards.clip_score:OpenCLIPScore",
+    "hf_clip_score": "marval_rl.rewards.clip_score:HFCLIPScore",
+    "pickscore": "marval_rl.rewards.pickscore:PickScore",
+    "image_reward": "marval_rl.rewards.image_reward:ImageReward",
+    "fid_proxy": "marval_rl.rewards.fid_proxy:FIDProxyReward",
+    "classifier": "marval_rl.rewards.classifier:ClassifierReward",
+    "efficientnet_classifier": "marval_rl.rewards.classifier:EfficientNetClassifierReward",
+    "embedded_clip": "marval_rl.rewards.embedded_clip:EmbeddedCLIPScore",
+    "composite": "marval_rl.rewards.composite:CompositeReward",
 }
 
 # Keys a dict spec may carry. ``weight``/``normalize``/``scale``/``shift``/``gold`` are read by the composite;
@@ -81,7 +81,7 @@ def resolve_reward_class(name: str, base_dir: str | Path | None = None) -> type:
         raise RewardError(f"{where} has no attribute {cls_name!r} (from spec {name!r})")
     if not (inspect.isclass(cls) and issubclass(cls, RewardModel)):
         raise RewardError(f"{name!r} is not a rewards.RewardModel subclass (got {cls!r}); subclass "
-                          f"rewards.RewardModel and implement score(images, prompts, metadata)")
+                          f"marval_rl.rewards.RewardModel and implement score(images, prompts, metadata)")
     return cls
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from marval_rl.data import EmojiDataset
-from rewards import RewardError, build_reward
+from marval_rl.rewards import RewardError, build_reward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = torch.finfo(torch.float64).eps

@@ -14,7 +14,7 @@ import torch
 
 from marval_rl.data import EmojiDataset, class_prompts, class_names
 from marval_rl.eval.fid import blur3x3
-from rewards import RewardError, RewardModel, build_reward, known_rewards
+from marval_rl.rewards import RewardError, RewardModel, build_reward, known_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "rewards.md"
@@ -193,7 +193,7 @@ def test_file_reward_and_example(tmp_path, monkeypatch):
     vivid[:, 2, :, 8:] = 1.0
     assert (example(vivid) > example(gray) + 0.3).all()
     x = vivid.clone().requires_grad_(True)
-    build_reward("rewards.examples.colorfulness:Colorfulness", target=0.3)(x).sum().backward()
+    build_reward("marval_rl.rewards.examples.colorfulness:Colorfulness", target=0.3)(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     # relative file paths resolve against the working directory, or base_dir when given
     monkeypatch.chdir(ROOT)
@@ -303,7 +303,7 @@ def test_embedded_clip_prefers_the_right_prompt(embedded_clip, held_out):
         other = embedded_clip(images, class_prompts(wrong, names, template))
         assert (right > other).float().mean() >= 0.95, template
     # zero-shot accuracy on held-out *full* renders (other backgrounds, strong jitter), as trained
-    from rewards.embedded_clip import zero_shot_eval
+    from marval_rl.rewards.embedded_clip import zero_shot_eval
     full = EmojiDataset("test", image_size=32, per_class=4, seed=3, augment="full")
     assert zero_shot_eval(embedded_clip.model, full.images, full.labels, names)["accuracy"] >= 0.9
     meta = json.loads((Path(embedded_clip.path) / "config.json").read_text())["metadata"]
@@ -386,7 +386,7 @@ def test_fid_proxy_features_and_errors(tmp_path):
     r = build_reward("fid_proxy", features=feat, reference_images=ref)
     with torch.no_grad():
         assert r.distance(ref[:20]) < r.distance(torch.rand(20, 3, 16, 16))
-    from rewards.fid_proxy import compute_feature_stats
+    from marval_rl.rewards.fid_proxy import compute_feature_stats
     compute_feature_stats(feat, ref, tmp_path / "stats")
     r2 = build_reward("fid_proxy", features=feat, stats=str(tmp_path / "stats"))
     torch.testing.assert_close(r2.mu_r, r.mu_r)

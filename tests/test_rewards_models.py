@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from rewards import RewardError, build_reward
+from marval_rl.rewards import RewardError, build_reward
 
 GOLDEN = Path(__file__).parent / "fixtures" / "image_reward_golden"
 PROMPTS = ["a photo of a lion", "A harmonious and high quality image of fire engine", "an emoji of a banana!"]
@@ -250,7 +250,7 @@ def test_image_reward_matches_original_package(image_reward):
 
 
 def test_image_reward_mapping_key_for_key(image_reward):
-    from rewards.image_reward import map_checkpoint
+    from marval_rl.rewards.image_reward import map_checkpoint
 
     sd = torch.load(GOLDEN / "ImageReward.pt", weights_only=True)
     mapped, dropped, unmapped = map_checkpoint(sd)

@@ -134,7 +134,7 @@ ARCHITECTURES: dict[str, str] = {
     "vae": "marval_rl.models.vae:AutoencoderKL",
     "marval": "marval_rl.models.one_step:MARVAL",
     "classifier": "marval_rl.eval.classifier:EmojiClassifier",
-    "clip": "rewards.embedded_clip:EmbeddedCLIP",
+    "clip": "marval_rl.rewards.embedded_clip:EmbeddedCLIP",
 }
 
 

@@ -71,7 +71,7 @@ class FixedEval:
         if self.embedded:
             from marval_rl.config import asset_path
             from marval_rl.eval.fid import FIDProxy
-            from rewards.classifier import load_emoji_classifier
+            from marval_rl.rewards.classifier import load_emoji_classifier
 
             self.classifier = load_emoji_classifier(None, device)
             self.fid = FIDProxy(self.classifier, asset_path("embedded/fid"))

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -111,11 +112,28 @@ def _port_free(host: str, port: int) -> bool:
         return False
 
 
+def private_working_dir() -> dict:
+    """The job's runtime_env: an empty working directory of its own for every worker.
+
+    Ray puts the driver's current directory first on every worker's ``sys.path`` and starts the
+    workers in it, unless the job has a ``working_dir``; then the workers start in (and import from)
+    that directory instead. An empty one means nothing in the directory ``marval-rl`` was launched
+    from (a ``rewards/``, a ``torch.py``) is importable in a worker; paths in the worker spec are
+    made absolute first (``_absolute_paths``)."""
+    global _EMPTY_DIR
+    if _EMPTY_DIR is None or not Path(_EMPTY_DIR).is_dir():
+        _EMPTY_DIR = tempfile.mkdtemp(prefix="marval-rl-worker-cwd-")
+    return {"working_dir": _EMPTY_DIR}
+
+
+_EMPTY_DIR: str | None = None
+
+
 def init_ray(section: TrainSection, num_cpus: int) -> tuple[bool, str | None]:
     """Initialise Ray for the controller. Returns (started a local cluster here?, dashboard URL or None)."""
     if ray.is_initialized():
         return False, _dashboard_url()
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=private_working_dir())
     if section.ray_address:
         _token_auth_for_join(section.ray_address)
         try:

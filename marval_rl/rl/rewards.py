@@ -49,7 +49,7 @@ class RewardSet:
     """``total = sum_i w_i r_i`` over the optimised rewards; gold rewards are scored and logged only."""
 
     def __init__(self, optimised: list[RewardSpec], gold: list[RewardSpec] = (), device="cpu"):
-        from rewards.composite import CompositeReward
+        from marval_rl.rewards.composite import CompositeReward
 
         if not optimised:
             raise ValueError("train.rewards is empty: name at least one reward to optimise")

@@ -8,7 +8,7 @@ Use it from a recipe without touching the package:
 or in Python: ``build_reward("rewards/examples/colorfulness.py:Colorfulness", target=0.35)``.
 """
 
-from rewards import RewardModel
+from marval_rl.rewards import RewardModel
 
 
 class Colorfulness(RewardModel):
