@@ -8,6 +8,7 @@ step, so a killed run resumes to the same numbers. Checkpoints are single files 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -120,6 +121,29 @@ def load_training_state(path: str | Path, *, model: nn.Module, optimizer, genera
     if ema is not None and state["ema"]:
         ema.load_state_dict(state["ema"])
     return state
+
+
+def sync_log(path: str | Path, key: str, upto: int) -> None:
+    """Make a JSONL metrics log agree with the training state it belongs to.
+
+    ``upto = 0`` (a fresh start) removes an old log; on resume at step ``upto``, rows with
+    ``row[key] > upto`` (logged after the last checkpoint, redone now) and a half-written last line
+    of a killed write are dropped, so every step appears exactly once. Rewritten atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    if upto <= 0:
+        path.unlink()
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get(key), (int, float)) and row[key] <= upto:
+            keep.append(line)
+    atomic_write(path, lambda p: Path(p).write_text("".join(x + "\n" for x in keep)))
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:

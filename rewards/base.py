@@ -263,6 +263,28 @@ def interpolation_name(value: Any) -> str:
     return {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "bicubic", 4: "bilinear", 5: "bicubic"}.get(int(value), "bicubic")
 
 
+class PromptCache:
+    """prompt -> text embedding (no grad), bounded; each prompt's value independent of history.
+
+    A text encoder's output for one prompt depends, in its last bits, on the batch it was encoded in
+    (batch sizes pick different matrix kernels: rows of a batch of 1-2 and of 3+ differ by ~1e-7). A
+    cache filled from whatever batches arrived first would make a reward depend on the order of
+    earlier calls, so a resumed run (empty cache) or another worker count scores differently. Each
+    new prompt is therefore encoded alone: its embedding is a function of the prompt only."""
+
+    def __init__(self, encode, max_size: int = 8192):
+        self.encode, self.max_size, self.store = encode, max_size, {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        new = [p for p in dict.fromkeys(prompts) if p not in self.store]
+        if len(self.store) + len(new) > self.max_size:
+            self.store.clear()
+        for p in new:
+            self.store[p] = self.encode([p])[0]
+        return torch.stack([self.store[p] for p in prompts])
+
+
 def chunks(n: int, size: int):
     for i in range(0, n, max(1, size)):
         yield slice(i, min(n, i + size))

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RewardError, RewardModel, chunks, interpolation_name,
-                   normalize, resize_center_crop)
+from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptCache, RewardError, RewardModel, chunks,
+                   interpolation_name, normalize, resize_center_crop)
 
 __all__ = ["OpenCLIPScore", "HFCLIPScore", "read_hf_preprocess", "load_open_clip"]
 
@@ -35,24 +35,6 @@ def _dtype(precision: str | torch.dtype | None) -> torch.dtype:
     if precision not in _DTYPES:
         raise RewardError(f"unknown precision {precision!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[precision]
-
-
-class _TextCache:
-    """prompt -> normalised text embedding (no grad); bounded."""
-
-    def __init__(self, encode, max_size: int = 8192):
-        self.encode, self.max_size, self.store = encode, max_size, {}
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        new = [p for p in dict.fromkeys(prompts) if p not in self.store]
-        if new:
-            if len(self.store) + len(new) > self.max_size:
-                self.store.clear()
-            for sl in chunks(len(new), 256):
-                for p, f in zip(new[sl], self.encode(new[sl])):
-                    self.store[p] = F.normalize(f.float(), dim=-1)
-        return torch.stack([self.store[p] for p in prompts])
 
 
 # ---------------------------------------------------------------------- open_clip
@@ -138,7 +120,7 @@ class OpenCLIPScore(RewardModel):
         self.resize_mode = pp.get("resize_mode", "shortest")
         self.scale, self.clamp_negative, self.batch_size = float(scale), bool(clamp_negative), batch_size
         self.model_name, self.weights = str(model), weights or pretrained
-        self._text = _TextCache(self._encode_text)
+        self._text = PromptCache(lambda ps: F.normalize(self._encode_text(ps).float(), dim=-1))
         self.freeze()
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -237,7 +219,7 @@ class HFCLIPScore(RewardModel):
         self.scale, self.use_logit_scale, self.clamp_negative = float(scale), bool(use_logit_scale), bool(clamp_negative)
         self.batch_size, self.max_length = batch_size, int(max_length)
         self.path = str(model_dir)
-        self._text = _TextCache(self._encode_text)
+        self._text = PromptCache(lambda ps: F.normalize(self._encode_text(ps).float(), dim=-1))
         self.freeze()
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RewardError, RewardModel, normalize, resize_center_crop
+from .base import PromptCache, RewardError, RewardModel, normalize, resize_center_crop
 
 __all__ = ["EmbeddedCLIPConfig", "EmbeddedCLIP", "EmbeddedCLIPScore", "train_embedded_clip",
            "zero_shot_eval", "default_clip_path"]
@@ -197,18 +197,8 @@ class EmbeddedCLIPScore(RewardModel):
             raise RewardError(str(e)) from e
         self.scale = float(scale)
         self.path = str(path)
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self.text_features = PromptCache(self.model.encode_text, max_size=4096)
         self.freeze()
-
-    @torch.no_grad()
-    def text_features(self, prompts: list[str]) -> torch.Tensor:
-        new = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if new:
-            if len(self._text_cache) > 4096:
-                self._text_cache.clear()
-            for p, f in zip(new, self.model.encode_text(new)):
-                self._text_cache[p] = f
-        return torch.stack([self._text_cache[p] for p in prompts])
 
     def score(self, images, prompts, metadata):
         img = self.model.encode_image(images.to(self.dtype))

@@ -28,11 +28,12 @@ from tqdm.auto import tqdm
 from marval_rl.config import DistillSection
 from marval_rl.distill.gsim import gsim_loss_eps
 from marval_rl.eval.images import save_grid
-from marval_rl.models.checkpoints import atomic_write, load_state_dict_strict, save_pretrained, torch_load_safely
+from marval_rl.models.checkpoints import (atomic_write, load_state_dict_strict, remove_stale_temps, save_pretrained,
+                                          torch_load_safely)
 from marval_rl.models.mar import MAR
 from marval_rl.models.one_step import MARVAL
 from marval_rl.sampling import sample_tokens
-from marval_rl.training import EMA, lr_at, make_optimizer, set_lr
+from marval_rl.training import EMA, lr_at, make_optimizer, set_lr, sync_log
 
 
 def check_section(s: DistillSection) -> None:
@@ -208,7 +209,9 @@ def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
     gen = torch.Generator().manual_seed(section.seed)
     torch.manual_seed(section.seed)
     state_path, log_path = out_dir / "distill_train_state.pt", out_dir / "distill_metrics.jsonl"
+    remove_stale_temps(out_dir)
     start = d.load_state(state_path, gen) if state_path.is_file() else 0
+    sync_log(log_path, "step", start)
     if start:
         print(f"[distill] resuming from step {start} ({state_path})")
     opt = section.generator_optim

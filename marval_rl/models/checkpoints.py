@@ -153,18 +153,53 @@ def architecture_of(model: nn.Module) -> str:
                           f"(add it to marval_rl.models.checkpoints.ARCHITECTURES)")
 
 
+TEMP_SUFFIX = ".tmp"
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same directory and rename: readers never see half a file."""
+    """Write via a temp file in the same directory, fsync, rename: readers see the old file or the
+    new one, never half of one, also after a power loss (the directory entry is synced too).
+
+    A write killed mid-way (SIGKILL) leaves its temp file ``.NAME.XXXXXXXX.tmp``; the next run removes
+    it (:func:`remove_stale_temps`)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a platform without directory fds: the rename is still atomic
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of killed :func:`atomic_write` calls under ``directory`` (call at start,
+    before anything writes there); returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.rglob(f".*{TEMP_SUFFIX}"):
+        # only our own pattern: ".<target name>.<8 random chars>.tmp", a regular file
+        stem = p.name[1:-len(TEMP_SUFFIX)]
+        target, _, rand = stem.rpartition(".")
+        if target and len(rand) == 8 and p.is_file() and not p.is_symlink():
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, metadata: dict | None = None) -> Path:

@@ -10,8 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from marval_rl.config import OptimSection
+from marval_rl.models.checkpoints import remove_stale_temps
 from marval_rl.training import (EMA, batch_indices, load_training_state, lr_at, make_optimizer,
-                                save_training_state, set_lr)
+                                save_training_state, set_lr, sync_log)
 
 
 def collate(dataset, idx: torch.Tensor):
@@ -32,6 +33,7 @@ def run_loop(*, name: str, model: torch.nn.Module, optim: OptimSection, out_dir:
     if optim.steps < 1:
         raise ValueError(f"[{name}] optim.steps must be >= 1, got {optim.steps}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
     state_path = out_dir / f"{name}_train_state.pt"
     optimizer = make_optimizer(model, optim, no_decay_prefixes)
     ema = EMA(model, optim.ema) if optim.ema > 0 else None
@@ -41,6 +43,7 @@ def run_loop(*, name: str, model: torch.nn.Module, optim: OptimSection, out_dir:
                                     ema=ema)["step"]
         print(f"[{name}] resuming from step {start} ({state_path})")
     log_path = out_dir / f"{name}_metrics.jsonl"
+    sync_log(log_path, "step", start)
     metrics: dict = {}
     model.train()
     bar = tqdm(range(start, optim.steps), initial=start, total=optim.steps, desc=name, disable=not progress)

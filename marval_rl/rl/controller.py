@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from marval_rl.config import Recipe
-from marval_rl.models.checkpoints import atomic_write, save_pretrained, torch_load_safely
+from marval_rl.models.checkpoints import atomic_write, remove_stale_temps, save_pretrained, torch_load_safely
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch, RolloutRequest
 from marval_rl.rl.evaluation import EvalPoint, FixedEval, summarise
 from marval_rl.rl.rewards import RewardRecord
@@ -52,6 +52,7 @@ class LocalExecutor:
     """Rollout workers as plain objects in this process."""
 
     def __init__(self, spec: WorkerSpec, num_workers: int):
+        # (each worker runs its rollouts on spec.threads threads and gives the driver's count back)
         self.workers = [RolloutWorker(spec, i) for i in range(num_workers)]
 
     def set_weights(self, weights: PolicyWeights):
@@ -162,7 +163,8 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     check_train_recipe(recipe)
     rank, world_size = world()
     s, out = recipe.train, Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        remove_stale_temps(out)
     torch.manual_seed(s.seed)
     policy = load_generator(recipe.model, recipe.device, expected="marval")
     vae = load_vae(recipe.vae, recipe.device)
@@ -189,7 +191,9 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     else:
         executor = LocalExecutor(spec, s.num_workers)
     judge = FixedEval(recipe, rewards, class_num, recipe.device) if s.eval_per_class and rank == 0 else None
-    logger = RunLogger(out, recipe, resume=start > 0) if rank == 0 else None
+    if rank == 0:  # only now, with everything loaded and started: a failing start leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+    logger = RunLogger(out, recipe, start=start) if rank == 0 else None
     t_run = time.perf_counter()
     last, real = None, {}
     end = s.iterations if stop_after is None else min(s.iterations, stop_after)

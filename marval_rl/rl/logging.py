@@ -8,11 +8,13 @@ import torch
 
 
 class RunLogger:
-    def __init__(self, out: Path, recipe, resume: bool = False):
+    def __init__(self, out: Path, recipe, start: int = 0):
+        """``start``: the iteration the run (re)starts at; the log is cut back to it (``sync_log``)."""
+        from marval_rl.training import sync_log
+
         self.out, self.recipe = Path(out), recipe
         self.metrics_path = self.out / "metrics.jsonl"
-        if not resume and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        sync_log(self.metrics_path, "iteration", start)
         self.wandb = None
         mode = recipe.train.wandb
         if mode != "off":

@@ -66,6 +66,28 @@ class RewardSet:
             raise ValueError(f"{why} needs differentiable rewards, but {bad} is not; use "
                              f"train.algorithm=policy_gradient for it")
 
+    def check_image_gradients(self, images, prompts, metadata) -> None:
+        """Each optimised reward must give a non-zero gradient with respect to the images.
+
+        A reward that declares itself differentiable but returns a value detached from the images (a
+        ``.item()``, a numpy round trip, a ``torch.no_grad`` inside) would leave the reward gradient
+        with only the regulariser to follow, silently; stop instead, naming the reward."""
+        x = images.detach().clone().requires_grad_(True)
+        for label, reward in zip(self.composite.labels, self.composite.members):
+            with torch.enable_grad():
+                value = reward(x, prompts, metadata)
+                grad = torch.autograd.grad(value.sum(), x, allow_unused=True)[0] if value.requires_grad else None
+            if grad is None:
+                raise ValueError(f"reward '{label}' declares itself differentiable but its value does not depend "
+                                 f"on the images (no gradient reaches them): return a tensor computed from the "
+                                 f"images with autograd on, or set differentiable = False and use "
+                                 f"train.algorithm=policy_gradient")
+            if not torch.isfinite(grad).all() or grad.abs().max().item() == 0:
+                what = "not finite" if not torch.isfinite(grad).all() else "exactly zero for every image"
+                raise ValueError(f"reward '{label}': its gradient with respect to the images is {what} on the "
+                                 f"first batch, so the reward gradient cannot follow it (a detached or saturated "
+                                 f"reward?); use train.algorithm=policy_gradient for it")
+
     def total(self, images, prompts, metadata) -> tuple[torch.Tensor, RewardRecord]:
         """The optimised sum (with grad when the images carry it) and its record (detached; no gold:
         the trainer's replays need only what is optimised)."""

@@ -5,6 +5,7 @@ returns typed batches: it never sees the trainer.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -66,7 +67,6 @@ class RolloutWorker:
         from marval_rl.loading import load_generator, load_vae
         from marval_rl.rl.rewards import RewardSet
 
-        torch.set_num_threads(max(1, spec.threads))
         self.spec, self.worker_id = spec, worker_id
         self.policy = load_generator(spec.model, spec.device, expected="marval").requires_grad_(False)
         self.vae = load_vae(spec.vae, spec.device)
@@ -82,6 +82,20 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    @contextlib.contextmanager
+    def _threads(self):
+        """``spec.threads`` torch threads for this worker's work, restored afterwards.
+
+        A Ray actor has its process to itself, but an in-process worker (``LocalExecutor``, ``--no-ray``)
+        shares the driver's: setting the count once would make the trainer single-threaded too (other
+        numbers than under Ray: a matmul's rounding depends on its thread count)."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, self.spec.threads))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
     def set_weights(self, weights: PolicyWeights) -> int:
         if checksum(weights.state) != weights.checksum:
             raise StaleWeightsError(f"worker {self.worker_id}: weights of version {weights.version} failed "
@@ -94,8 +108,11 @@ class RolloutWorker:
         self.version = weights.version
         return self.version
 
-    @torch.no_grad()
     def rollout(self, request: RolloutRequest) -> RolloutBatch:
+        with self._threads(), torch.no_grad():
+            return self._rollout(request)
+
+    def _rollout(self, request: RolloutRequest) -> RolloutBatch:
         if request.version != self.version:
             raise StaleWeightsError(f"worker {self.worker_id} holds policy version {self.version}, "
                                     f"request is for version {request.version}")

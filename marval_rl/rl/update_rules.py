@@ -74,6 +74,10 @@ class RewardGradient(UpdateRule):
     reward's spread, and the regulariser compares with the reference MODEL on the visited states."""
     needs_differentiable_rewards = True
 
+    def __init__(self, section):
+        super().__init__(section)
+        self._checked = False
+
     def update(self, trainer, batches):
         s, n = self.s, sum(len(b.class_ids) for b in batches)
         scale = trainer.reward_scale(torch.cat([b.rewards.total for b in batches]))
@@ -84,8 +88,11 @@ class RewardGradient(UpdateRule):
             if b.version == trainer.version:  # on-policy: the replay must be the rollout
                 stats["replay_max_abs_diff"] = max(stats["replay_max_abs_diff"],
                                                    (res.tokens.detach().cpu() - b.tokens).abs().max().item())
-            total, _ = trainer.rewards.total(trainer.decode(res.tokens), b.prompts,
-                                             {"class_ids": b.class_ids.to(res.tokens.device)})
+            images, meta = trainer.decode(res.tokens), {"class_ids": b.class_ids.to(res.tokens.device)}
+            if not self._checked:  # once per process: every reward must reach the images
+                trainer.rewards.check_image_gradients(images, b.prompts, meta)
+                self._checked = True
+            total, _ = trainer.rewards.total(images, b.prompts, meta)
             loss = -(total / scale).sum()
             if s.reg_weight > 0:
                 anchor = per_sample_mean(sampler.reg_rows, b.record.predicted)
