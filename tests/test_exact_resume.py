@@ -204,3 +204,30 @@ def test_in_process_workers_leave_the_driver_thread_count_alone():
         assert seen == [1] and torch.get_num_threads() == 2     # the worker's count inside, the driver's after
     finally:
         torch.set_num_threads(before)
+
+
+def test_ray_workers_cannot_import_from_the_launch_directory(foreign_cwd, monkeypatch):
+    # Ray puts the driver's cwd first on every worker's sys.path and starts workers in it; without the
+    # private working_dir a worker's `import rewards` (or any name) would find the launch directory's
+    import ray
+
+    from marval_rl.config import TrainSection
+    from marval_rl.rl.ray_executor import init_ray
+
+    cwd, marker = foreign_cwd
+    monkeypatch.chdir(cwd)
+    if ray.is_initialized():
+        ray.shutdown()
+    started, _ = init_ray(TrainSection(num_workers=1), num_cpus=1)
+    try:
+        @ray.remote(num_cpus=1)
+        def probe():
+            import importlib.util
+
+            return importlib.util.find_spec("rewards") is None, os.getcwd(), sys.path
+        unimportable, worker_cwd, path = ray.get(probe.remote(), timeout=120)
+    finally:
+        if started:
+            ray.shutdown()
+    assert unimportable and Path(worker_cwd).resolve() != cwd.resolve()
+    assert str(cwd) not in path and not marker.exists()
