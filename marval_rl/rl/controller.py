@@ -36,6 +36,7 @@ from marval_rl.rl.rewards import RewardRecord
 from marval_rl.rl.rollout import RolloutWorker, WorkerSpec
 from marval_rl.rl.trainer import RLTrainer, explore_std
 from marval_rl.rl.update_rules import resolve_update_rule
+from marval_rl.run_record import check_resume, write_run_record
 
 
 class Executor(Protocol):
@@ -165,6 +166,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     s, out = recipe.train, Path(recipe.output_dir)
     if rank == 0:
         remove_stale_temps(out)
+        check_resume(out, recipe, "train")   # another recipe's state in out: stop, naming what differs
     torch.manual_seed(s.seed)
     policy = load_generator(recipe.model, recipe.device, expected="marval")
     vae = load_vae(recipe.vae, recipe.device)
@@ -193,7 +195,11 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     judge = FixedEval(recipe, rewards, class_num, recipe.device) if s.eval_per_class and rank == 0 else None
     if rank == 0:  # only now, with everything loaded and started: a failing start leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
-    logger = RunLogger(out, recipe, start=start) if rank == 0 else None
+        write_run_record(out, recipe, "train")
+    from marval_rl.rl.rollout import class_names_for
+
+    names = list(s.class_names) or class_names_for(class_num)
+    logger = RunLogger(out, recipe, names, start=start) if rank == 0 else None
     t_run = time.perf_counter()
     last, real = None, {}
     end = s.iterations if stop_after is None else min(s.iterations, stop_after)
@@ -202,13 +208,16 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
         state = {"trainer": trainer.state_dict(), "iteration": iteration, "history": json.dumps(history),
                  "eval_first": _point_state(first)}
         atomic_write(state_path, lambda p: torch.save(state, p))
+        logger.report()
 
     try:
         if judge is not None:
             real = judge.score_real(policy.config.img_size)
+            logger.eval_real(real)
             if first is None:
                 executor.set_weights(trainer.weights(averaged=True))
                 first = judge.run(executor, trainer.version, 0)
+            logger.eval_point(first, judge.class_ids)
         bar = tqdm(range(start, end), initial=start, total=s.iterations, desc="RL", disable=not progress)
         for it in bar:
             t0 = time.perf_counter()
@@ -230,7 +239,9 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
                 metrics["world_size"] = world_size
             if judge is not None and s.eval_every and (it + 1) % s.eval_every == 0 and it + 1 < s.iterations:
                 executor.set_weights(trainer.weights(averaged=True))
-                metrics.update(judge.run(executor, trainer.version, it + 1).log_row(first))
+                point = judge.run(executor, trainer.version, it + 1)
+                logger.eval_point(point, judge.class_ids)
+                metrics.update(point.log_row(first))
             history.append(metrics)
             if hasattr(executor, "report"):
                 executor.report(metrics)
@@ -238,12 +249,15 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
                              if k == "reward/total" or k.startswith("gold/")}, refresh=False)
             if rank != 0:
                 continue
-            logger.log(metrics, batches if s.grid_every and (it + 1) % s.grid_every == 0 else None)
+            # rollout grids every grid_every iterations, and always at the last one (a short run too)
+            grid = (s.grid_every and (it + 1) % s.grid_every == 0) or it + 1 == end
+            logger.log(metrics, batches if grid else None)
             if (s.checkpoint_every and (it + 1) % s.checkpoint_every == 0) or it + 1 == end:
                 save_state(it + 1)
         if judge is not None and end == s.iterations:
             executor.set_weights(trainer.weights(averaged=True))
             last = judge.run(executor, trainer.version, end)
+            logger.eval_point(last, judge.class_ids)
     finally:
         executor.shutdown()
     if rank != 0:
@@ -265,14 +279,10 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
                                ([last.log_row(first)] if last else []),
                "wall_seconds": round(time.perf_counter() - t_run, 2), "output_dir": str(out),
                "policy": str(policy_dir)}
-    rows = summarise_history(history, keys)
     if last is not None:
-        fm, lm = first.means(), last.means()
-        rows += [{"metric": f"eval/{k}", "first": fm[k], "last": lm[k], "best": max(fm[k], lm[k])} for k in fm]
-        from marval_rl.rl.rollout import class_names_for
-
-        names = list(s.class_names) or class_names_for(class_num)
         summary["before_after"] = str(logger.before_after(first, last, [names[c] for c in judge.class_ids]))
-    logger.finish(history, rows, summary)
+    # the table a person reads: the fixed eval set (before -> after) when there is one; single rollout
+    # batches (noisy) only when the run has no fixed eval
+    logger.finish(history, summarise_history(history, keys) if last is None else None, summary, first, last, real)
     finish()
     return summary

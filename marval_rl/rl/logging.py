@@ -6,13 +6,16 @@ from pathlib import Path
 
 import torch
 
+from marval_rl.models.checkpoints import atomic_write
+
 
 class RunLogger:
-    def __init__(self, out: Path, recipe, start: int = 0):
-        """``start``: the iteration the run (re)starts at; the log is cut back to it (``sync_log``)."""
+    def __init__(self, out: Path, recipe, names: list[str], start: int = 0):
+        """``names``: class id -> entity name (grid labels). ``start``: the iteration the run (re)starts at;
+        the log is cut back to it (``sync_log``)."""
         from marval_rl.training import sync_log
 
-        self.out, self.recipe = Path(out), recipe
+        self.out, self.recipe, self.names = Path(out), recipe, names
         self.metrics_path = self.out / "metrics.jsonl"
         sync_log(self.metrics_path, "iteration", start)
         self.wandb = None
@@ -32,10 +35,12 @@ class RunLogger:
             f.write(json.dumps(metrics) + "\n")
         payload = dict(metrics)
         if batches is not None:
-            from marval_rl.eval.images import save_grid
+            from marval_rl.eval.images import save_labelled_grid
 
-            images = torch.cat([b.images for b in batches]).float() / 255
-            path = save_grid(images, self.out / "grids" / f"iter_{metrics['iteration']:05d}.png", nrow=8)
+            images = torch.cat([b.images for b in batches])
+            labels = [self.names[int(c)] for b in batches for c in b.class_ids]
+            path = save_labelled_grid(images, labels, self.out / "grids" / f"iter_{metrics['iteration']:05d}.png",
+                                      scale=3, columns=8, title=f"rollouts of iteration {metrics['iteration']}")
             if self.wandb is not None:
                 import wandb
 
@@ -56,45 +61,53 @@ class RunLogger:
 
     def reward_curve(self, history: list[dict], eval_history: list[dict] = ()) -> Path:
         """Left: each iteration's rollout means. Right: the fixed eval set (the judge), with markers."""
-        import matplotlib
+        from marval_rl.rl.report import plot_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2 if eval_history else 1, figsize=(11 if eval_history else 6, 3.5), dpi=120,
-                                 squeeze=False)
-        its = [h["iteration"] for h in history]
-        ax = axes[0, 0]
-        for k in sorted({k for h in history for k in h if k.startswith(("reward/", "gold/"))}):
-            ax.plot(its, [h.get(k, float("nan")) for h in history], label=k,
-                    linestyle="--" if k.startswith("gold/") else "-")
-        ax.set(xlabel="iteration", ylabel="mean reward (rollout batch)", title="rollouts")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        if eval_history:
-            ax = axes[0, 1]
-            keys = sorted({k for h in eval_history for k in h if k.startswith(("eval/reward/", "eval/gold/"))})
-            for k in keys:
-                pts = [(h["iteration"], h[k]) for h in eval_history if k in h]
-                ax.plot(*zip(*pts), marker="o", label=k[len("eval/"):],
-                        linestyle="--" if "/gold/" in k else "-")
-            ax.set(xlabel="iteration", ylabel="mean over the fixed eval set", title="fixed eval set")
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
         path = self.out / "reward_curve.png"
-        fig.savefig(path)
-        plt.close(fig)
+        plot_curves(history, list(eval_history), path)
         return path
 
-    def finish(self, history: list[dict], rows: list[dict], summary: dict):
+    # ------------------------------------------------------------------ the report's inputs
+    def eval_point(self, point, class_ids: list[int]) -> None:
+        from marval_rl.rl.report import save_eval_point
+
+        save_eval_point(self.out, point, class_ids, self.names)
+
+    def eval_real(self, real: dict) -> None:
+        from marval_rl.rl.report import save_real
+
+        if real:
+            save_real(self.out, real)
+
+    def report(self) -> Path:
+        from marval_rl.rl.report import build_report
+
+        return build_report(self.out)
+
+    def finish(self, history: list[dict], batch_rows: list[dict] | None, summary: dict, first=None, last=None,
+               real=None):
         if history:
             summary["reward_curve"] = str(self.reward_curve(history, summary.get("eval_history", [])))
+        atomic_write(self.out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
+        summary["report"] = str(self.report())
         print()
-        print("| metric | first | last | best |")
-        print("|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['metric']} | {r['first']:.4f} | {r['last']:.4f} | {r['best']:.4f} |")
+        if last is not None:
+            from marval_rl.rl.report import eval_summary_rows
+
+            n = len(first.images) if first.images is not None else 0
+            print(f"fixed eval set ({n} images, fixed prompts and seeds): iteration {first.iteration} -> "
+                  f"{last.iteration}; gain in units of the starting per-sample std")
+            print("| metric | before | after | real images | gain (sigma) | gap closed |")
+            print("|---|---|---|---|---|---|")
+            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            for r in eval_summary_rows(first, last, real or {}):
+                print("| " + " | ".join([str(r[0])] + [fmt(v) for v in r[1:]]) + " |")
+        elif batch_rows:
+            print("rollout batches (one batch each: noisy; set train.eval_per_class for a fixed eval set)")
+            print("| metric | first | last | best |")
+            print("|---|---|---|---|")
+            for r in batch_rows:
+                print(f"| {r['metric']} | {r['first']:.4f} | {r['last']:.4f} | {r['best']:.4f} |")
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             self.wandb.finish()

@@ -1,0 +1,126 @@
+"""Run records: every output folder says what made it, and a re-run resumes only the same run.
+
+``OUTPUT_DIR/recipe.yaml`` is the resolved recipe of the command that wrote the folder, and
+``OUTPUT_DIR/run.json`` the command, the package version and when it started. Re-running into a folder
+that holds a training state resumes it only when the recipe matches, except for the keys in
+:data:`MAY_DIFFER_ON_RESUME` (how long to run, how often to log, where to run: nothing that changes a
+number); otherwise it stops, naming the keys that differ. ``--overwrite`` starts afresh (the previous
+run's files are removed) and ``--resume PATH`` continues the state in PATH.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from marval_rl.config import RecipeError, recipe_to_yaml
+from marval_rl.models.checkpoints import atomic_write
+
+RECIPE_FILE, RUN_FILE = "recipe.yaml", "run.json"
+
+# The keys a resumed run may change: run length, logging and placement. Anything else (seeds, sizes,
+# rewards, learning rates, worker counts: they decide the requests and the numbers) must match.
+MAY_DIFFER_ON_RESUME = (
+    "output_dir",
+    "train.iterations", "train.checkpoint_every", "train.grid_every", "train.eval_every", "train.wandb",
+    "train.use_ray", "train.ray_address", "train.dashboard_host", "train.dashboard_port", "train.worker_threads",
+    "distill.generator_optim.steps", "distill.fake_optim.steps", "distill.log_every", "distill.sample_every",
+    "distill.checkpoint_every",
+    "pretrain.stages", "pretrain.log_every", "pretrain.sample_every", "pretrain.checkpoint_every",
+    "pretrain.vae.optim.steps", "pretrain.mar.optim.steps",
+    "sample.grid_nrow",
+)
+
+# per command: the state files it resumes from, then everything else it writes (what --overwrite removes)
+OUTPUTS = {
+    "train": (["rl_state.pt"], ["metrics.jsonl", "summary.json", "report.html", "reward_curve.png",
+                                "before_after.png", "eval", "grids", "policy"]),
+    "distill": (["distill_train_state.pt"], ["distill_metrics.jsonl", "samples", "student"]),
+    "pretrain": (["vae_train_state.pt", "mar_train_state.pt"], ["vae_metrics.jsonl", "mar_metrics.jsonl", "samples",
+                                                                "vae", "teacher"]),
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("marval-rl")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def flatten(recipe) -> dict:
+    """``{"train.optim.lr": 0.002, ...}`` of a recipe dataclass (lists and dicts as values)."""
+    out: dict = {}
+
+    def walk(prefix: str, node):
+        if isinstance(node, dict) and not (prefix.endswith(("config", "kwargs", "group_lr"))):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+    walk("", OmegaConf.to_container(OmegaConf.structured(recipe)))
+    return out
+
+
+def differing_keys(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k) and not k.startswith(MAY_DIFFER_ON_RESUME)]
+
+
+def has_state(out: Path, command: str) -> Path | None:
+    for name in OUTPUTS.get(command, ([], []))[0]:
+        if (out / name).is_file():
+            return out / name
+    return None
+
+
+def check_resume(out: Path, recipe, command: str) -> str:
+    """'fresh' | 'resume'. Raises RecipeError when ``out`` holds another run's state."""
+    state = has_state(out, command)
+    if state is None:
+        return "fresh"
+    stored = out / RECIPE_FILE
+    if not stored.is_file():
+        raise RecipeError(f"{out} holds a training state ({state.name}) but no {RECIPE_FILE}, so it cannot be "
+                          f"checked against this recipe; pass --overwrite to start afresh or --resume {state} "
+                          f"to continue it anyway")
+    old = flatten(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(type(recipe)), OmegaConf.load(stored))))
+    diff = differing_keys(old, flatten(recipe))
+    if diff:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {flatten(recipe).get(k)!r})" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise RecipeError(f"{out} holds a run of another recipe ({shown}{more} differ): use another output_dir, "
+                          f"--overwrite to start afresh there, or the same settings to resume it")
+    return "resume"
+
+
+def overwrite(out: Path, command: str) -> list[Path]:
+    """Remove what a previous run of ``command`` wrote to ``out`` (only the files it writes)."""
+    states, others = OUTPUTS.get(command, ([], []))
+    removed = []
+    for name in [*states, *others, RECIPE_FILE, RUN_FILE]:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(p)
+    return removed
+
+
+def write_run_record(out: Path, recipe, command: str) -> None:
+    """``recipe.yaml`` (resolved) and ``run.json`` (command, version, start time) in ``out``."""
+    out = Path(out)
+    atomic_write(out / RECIPE_FILE, lambda p: Path(p).write_text(recipe_to_yaml(recipe)))
+    record = {"command": command, "argv": sys.argv, "version": version(),
+              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    atomic_write(out / RUN_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1)))
