@@ -170,10 +170,14 @@ class TestRayWorkers:
             cookie = headers["Set-Cookie"].split(";")[0]
             assert cookie.startswith("ray-authentication-token=")
             assert _get(f"{base}/api/version", {"Cookie": cookie})[0] == 200
-        status, body, _ = _get(f"{base}/api/v0/actors?limit=100", auth_headers())
+        status, body, _ = _get(f"{base}/api/v0/actors?limit=100&detail=1", auth_headers())
         assert status == 200
-        names = {a.get("name") for a in json.loads(body)["data"]["result"]["result"]}
+        actors = json.loads(body)["data"]["result"]["result"]
+        names = {a.get("name") for a in actors}
         assert "marval-rl-worker-0" in names
+        # the Actors table's "Repr" column says which worker and which policy version (empty before)
+        reprs = {a.get("name"): a.get("repr_name", "") for a in actors}
+        assert reprs["marval-rl-worker-0"].startswith("RolloutWorker(id=0, policy_version="), reprs
 
 
 def test_run_training_on_ray(cluster, policy_dirs, tmp_path, capsys):
@@ -182,7 +186,8 @@ def test_run_training_on_ray(cluster, policy_dirs, tmp_path, capsys):
     out = tmp_path / "run"
     recipe = load_recipe(None, [
         f"model.checkpoint={policy_dirs / 'student'}", f"vae.checkpoint={policy_dirs / 'vae'}", f"output_dir={out}",
-        f"train.rewards=[{{name: {REWARD_FILE}:Brightness}}]", "train.iterations=2", "train.num_workers=2",
+        f"train.rewards=[{{name: {REWARD_FILE}:Brightness}}]", f"train.gold=[{{name: {REWARD_FILE}:Argmax}}]",
+        "train.iterations=2", "train.num_workers=2",
         "train.rollouts_per_worker=2", "train.num_iter=3", "train.worker_threads=1", "train.grid_every=0",
         "train.classes=[0,1,2,3,4,5,6,7,8,9]", f"train.class_names=[{','.join(NAMES)}]", "train.optim.lr=1e-3"])
     summary = run_training(recipe, use_ray=True, progress=False)
@@ -206,3 +211,7 @@ def test_run_training_on_ray(cluster, policy_dirs, tmp_path, capsys):
     assert seen.get("ray_marval_rl_rollouts_per_s", 0) > 0
     assert abs(seen["ray_marval_rl_reward_mean"] - lines[-1]["reward/total"]) < 1e-6
     assert "ray_marval_rl_version_lag" in seen
+    # gold rewards are exported too, one series per gold reward (a dropped gold gauge fails this)
+    gold = [line for line in body.decode().splitlines() if line.startswith("ray_marval_rl_gold_reward_mean{")]
+    assert any('reward="argmax_red"' in line for line in gold), gold
+    assert abs(float(gold[0].rsplit(" ", 1)[1]) - lines[-1]["gold/argmax_red"]) < 1e-6

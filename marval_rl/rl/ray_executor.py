@@ -17,8 +17,10 @@ This is the only module of marval-rl that imports Ray (docs/ray.md).
   bad weights, a NaN reward) are not faults of the process and propagate unchanged.
 * Metrics: ``report(metrics)`` sets ``ray.util.metrics`` gauges (``marval_rl_rollouts_per_s``,
   ``marval_rl_reward_mean``, ``marval_rl_version_lag``, ``marval_rl_policy_version``,
-  ``marval_rl_worker_replacements``), exported by Ray's metrics agent to Prometheus with a ``ray_``
-  prefix.
+  ``marval_rl_worker_replacements``, and ``marval_rl_gold_reward_mean`` tagged ``reward=<label>``),
+  exported by Ray's metrics agent to Prometheus with a ``ray_`` prefix.
+* Names: actors ``marval-rl-worker-<i>`` whose repr (the dashboard's Actors "Repr" column) is
+  ``RolloutWorker(id=<i>, policy_version=<v>)``.
 """
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ GAUGES = {
     "version": ("marval_rl_policy_version", "Policy version held by the trainer"),
     "replacements": ("marval_rl_worker_replacements", "Rollout workers replaced after dying, in total"),
 }
+# the held-out rewards of the last iteration's rollouts, one series per gold reward (tag "reward")
+GOLD_GAUGE = ("marval_rl_gold_reward_mean", "Mean gold (held-out, never optimised) reward of the last iteration")
 
 
 # ---------------------------------------------------------------------------------------------- auth
@@ -366,18 +370,26 @@ class RayExecutor:
         try:
             from ray.util.metrics import Gauge
 
-            return {k: Gauge(name, description=desc) for k, (name, desc) in GAUGES.items()}
+            gauges = {k: Gauge(name, description=desc) for k, (name, desc) in GAUGES.items()}
+            gauges[GOLD_GAUGE[0]] = Gauge(GOLD_GAUGE[0], description=GOLD_GAUGE[1], tag_keys=("reward",))
+            return gauges
         except Exception as err:  # e.g. a ray:// client driver
             print(f"[ray] custom metrics unavailable here ({type(err).__name__}: {err})")
             return {}
 
     def report(self, metrics: dict) -> None:
-        """Set the dashboard/Prometheus gauges from one iteration's metrics."""
+        """Set the dashboard/Prometheus gauges from one iteration's metrics (gold rewards as one gauge
+        tagged with the reward's label: ``marval_rl_gold_reward_mean{reward="classifier"}``)."""
         values = {**metrics, "replacements": self.replacements}
-        for key, gauge in getattr(self, "_gauges", {}).items():
+        gauges = getattr(self, "_gauges", {})
+        for key, gauge in gauges.items():
             v = values.get(key)
-            if isinstance(v, (int, float)) and math.isfinite(v):
+            if key in GAUGES and isinstance(v, (int, float)) and math.isfinite(v):
                 gauge.set(float(v))
+        gold = gauges.get(GOLD_GAUGE[0])
+        for key, v in values.items():
+            if gold is not None and key.startswith("gold/") and isinstance(v, (int, float)) and math.isfinite(v):
+                gold.set(float(v), tags={"reward": key[len("gold/"):]})
 
     def shutdown(self) -> None:
         """Kill the actors; stop Ray only if this executor started it."""

@@ -82,6 +82,9 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def __repr__(self) -> str:  # Ray shows it in the dashboard's Actors table and in log prefixes
+        return f"RolloutWorker(id={self.worker_id}, policy_version={self.version})"
+
     @contextlib.contextmanager
     def _threads(self):
         """``spec.threads`` torch threads for this worker's work, restored afterwards.
