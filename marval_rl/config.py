@@ -221,6 +221,9 @@ class TrainSection:
     dashboard_port: int = 8265
     worker_threads: int = 1              # torch threads per rollout worker
     wandb: str = "off"                   # off | offline | online (needs the wandb extra)
+    wandb_project: str = "marval-rl"
+    wandb_name: str = ""                 # "" = the output folder's name
+    wandb_group: str = ""                # e.g. one group per sweep
 
 
 @dataclass

@@ -177,12 +177,13 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     class_num = policy.config.class_num
     state_path = out / "rl_state.pt"
     history: list[dict] = []
-    start, first = 0, None
+    start, first, wandb_id = 0, None, None
     if state_path.is_file():
         state = torch_load_safely(state_path)
         trainer.load_state_dict(state["trainer"])
         history, start = json.loads(state["history"]), int(state["iteration"])
         first = _point_from_state(state.get("eval_first", {}))
+        wandb_id = state.get("wandb_id") or None
         print(f"[train] resuming at iteration {start} ({state_path})")
     use_ray = s.use_ray if use_ray is None else use_ray
     spec = WorkerSpec.from_recipe(recipe)
@@ -199,14 +200,14 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     from marval_rl.rl.rollout import class_names_for
 
     names = list(s.class_names) or class_names_for(class_num)
-    logger = RunLogger(out, recipe, names, start=start) if rank == 0 else None
+    logger = RunLogger(out, recipe, names, start=start, wandb_id=wandb_id) if rank == 0 else None
     t_run = time.perf_counter()
     last, real = None, {}
     end = s.iterations if stop_after is None else min(s.iterations, stop_after)
 
     def save_state(iteration: int):
         state = {"trainer": trainer.state_dict(), "iteration": iteration, "history": json.dumps(history),
-                 "eval_first": _point_state(first)}
+                 "eval_first": _point_state(first), "wandb_id": logger.wandb_id or ""}
         atomic_write(state_path, lambda p: torch.save(state, p))
         logger.report()
 

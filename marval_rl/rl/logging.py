@@ -10,30 +10,28 @@ from marval_rl.models.checkpoints import atomic_write
 
 
 class RunLogger:
-    def __init__(self, out: Path, recipe, names: list[str], start: int = 0):
+    def __init__(self, out: Path, recipe, names: list[str], start: int = 0, wandb_id: str | None = None):
         """``names``: class id -> entity name (grid labels). ``start``: the iteration the run (re)starts at;
-        the log is cut back to it (``sync_log``)."""
+        the log is cut back to it (``sync_log``). ``wandb_id``: the wandb run to continue (from the state)."""
         from marval_rl.training import sync_log
 
         self.out, self.recipe, self.names = Path(out), recipe, names
         self.metrics_path = self.out / "metrics.jsonl"
         sync_log(self.metrics_path, "iteration", start)
         self.wandb = None
-        mode = recipe.train.wandb
-        if mode != "off":
-            try:
-                import wandb
-            except ImportError as e:
-                raise ImportError("train.wandb is set but wandb is not installed: pip install 'marval-rl[wandb]'") from e
-            from omegaconf import OmegaConf
+        if recipe.train.wandb != "off":
+            from marval_rl.rl.tracking import WandbRun
 
-            self.wandb = wandb.init(project="marval-rl", mode=mode, dir=str(self.out),
-                                    config=OmegaConf.to_container(OmegaConf.structured(recipe)))
+            self.wandb = WandbRun(self.out, recipe, wandb_id)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
 
     def log(self, metrics: dict, batches=None):
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        payload = dict(metrics)
+        path = None
         if batches is not None:
             from marval_rl.eval.images import save_labelled_grid
 
@@ -41,12 +39,8 @@ class RunLogger:
             labels = [self.names[int(c)] for b in batches for c in b.class_ids]
             path = save_labelled_grid(images, labels, self.out / "grids" / f"iter_{metrics['iteration']:05d}.png",
                                       scale=3, columns=8, title=f"rollouts of iteration {metrics['iteration']}")
-            if self.wandb is not None:
-                import wandb
-
-                payload["rollouts"] = wandb.Image(str(path))
         if self.wandb is not None:
-            self.wandb.log(payload, step=int(metrics["iteration"]))
+            self.wandb.log(metrics, int(metrics["iteration"]), grid=path, batches=batches, names=self.names)
 
     def before_after(self, first, last, labels: list[str]) -> Path:
         """The fixed eval prompts and seeds before and after RL, side by side, labelled and upscaled."""
@@ -109,6 +103,5 @@ class RunLogger:
             for r in batch_rows:
                 print(f"| {r['metric']} | {r['first']:.4f} | {r['last']:.4f} | {r['best']:.4f} |")
         if self.wandb is not None:
-            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-            self.wandb.finish()
+            self.wandb.finish(summary, summary.get("policy"), summary.get("before_after"))
         print(json.dumps(summary))
