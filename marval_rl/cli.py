@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from marval_rl.config import RecipeError, load_recipe, recipe_to_yaml
 from marval_rl.models.checkpoints import CheckpointError
+from marval_rl.run_record import write_run_record
 
 
 def cmd_validate(args) -> int:
@@ -55,6 +56,7 @@ def cmd_sample(args) -> int:
     seconds = time.perf_counter() - t0
     summary = {"num_images": len(labels), "seconds": round(seconds, 2), "output_dir": str(out)}
     torch.save({"latents": torch.cat(latents), "labels": torch.tensor(labels)}, out / "latents.pt")
+    write_run_record(out, recipe, "sample")
     if images:
         imgs = torch.cat(images)
         save_images(imgs, out / "images", [f"{j:05d}_class{c}" for j, c in enumerate(labels)])
@@ -76,11 +78,13 @@ def cmd_pretrain(args) -> int:
     unknown = [s for s in p.stages if s not in ("vae", "mar", "classifier", "clip")]
     if unknown or not p.stages:
         raise RecipeError(f"pretrain.stages: unknown stage(s) {unknown}; use any of vae, mar, classifier, clip")
+    prepare_output(recipe, "pretrain", args.overwrite)
     common = dict(seed=p.seed, log_every=p.log_every, checkpoint_every=p.checkpoint_every,
                   sample_every=p.sample_every, device=recipe.device)
     dataset = build_source(recipe.data, "train") if {"vae", "mar"} & set(p.stages) else None
     summary: dict = {"output_dir": str(out)}
     vae = None
+    write_run_record(out, recipe, "pretrain")
     for stage in p.stages:
         t0 = time.perf_counter()
         if stage == "vae":
@@ -114,6 +118,7 @@ def cmd_distill(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_section(recipe.distill)
+    out = prepare_output(recipe, "distill", args.overwrite)
     teacher = load_generator(recipe.model, recipe.device, expected="mar")
     vae = load_vae(recipe.vae, recipe.device)
     if vae is None:
@@ -121,7 +126,8 @@ def cmd_distill(args) -> int:
     check_pair(teacher.config, vae, None if recipe.data.source == "latents" else recipe.data.image_size)
     batches = LatentBatches(build_source(recipe.data, "train"), vae)
     t0 = time.perf_counter()
-    _, metrics = distill(teacher, vae, batches, recipe.distill, Path(recipe.output_dir))
+    write_run_record(out, recipe, "distill")
+    _, metrics = distill(teacher, vae, batches, recipe.distill, out)
     print(json.dumps({"output_dir": recipe.output_dir, "student": str(Path(recipe.output_dir) / "student"),
                       "minutes": round((time.perf_counter() - t0) / 60, 2),
                       **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
@@ -132,7 +138,9 @@ def cmd_train(args) -> int:
     from marval_rl.rl.controller import run_training
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_training(recipe, use_ray=False if args.no_ray else None)
+    if args.overwrite:
+        prepare_output(recipe, "train", overwrite=True)
+    run_training(recipe, use_ray=False if args.no_ray else None)   # checks resume, writes the run record
     return 0
 
 
@@ -179,8 +187,54 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+EXAMPLES = """examples:
+  marval-rl recipes                                   list the shipped recipes
+  marval-rl train quickstart                          RL on the embedded default (CPU, minutes)
+  marval-rl train quickstart --no-ray train.iterations=10 output_dir=outputs/try
+  marval-rl train my_recipe.yaml --overwrite          start afresh in an output folder that holds a run
+  marval-rl report outputs/quickstart_rl              rebuild a run's report.html
+  marval-rl distill distill_embedded                  one-step student from the embedded teacher
+  marval-rl evaluate quickstart_student               FID-proxy and accuracy of a generator
+  marval-rl recipes --copy quickstart .               copy a recipe to edit
+"""
+
+
+def cmd_recipes(args) -> int:
+    from marval_rl.config import find_recipe, recipe_purpose, shipped_recipes
+
+    if args.copy:
+        name, dest = args.copy
+        src = find_recipe(name)
+        dest = Path(dest)
+        target = dest / src.name if dest.is_dir() else dest
+        if target.exists():
+            raise RecipeError(f"{target} exists; remove it or copy to another path")
+        target.write_text(src.read_text())
+        print(f"copied {src.stem} to {target}")
+        return 0
+    recipes = shipped_recipes()
+    width = max(map(len, recipes))
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {recipe_purpose(path)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from marval_rl.rl.report import build_report
+
+    out = Path(args.output_dir)
+    if not out.is_dir():
+        raise RecipeError(f"{out}: not a directory (give the output_dir of a `marval-rl train` run)")
+    print(build_report(out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="marval-rl", description=__doc__)
+    from marval_rl.run_record import version
+
+    p = argparse.ArgumentParser(prog="marval-rl", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"marval-rl {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, helptext in (("validate", cmd_validate, "print the resolved recipe"),
                                ("sample", cmd_sample, "sample images from the recipe's generator"),
@@ -188,14 +242,39 @@ def build_parser() -> argparse.ArgumentParser:
                                ("distill", cmd_distill, "GSIM-distill a MAR teacher into a one-step MARVAL student"),
                                ("train", cmd_train, "RL post-training of a MARVAL policy (Ray rollout workers)"),
                                ("evaluate", cmd_evaluate, "sample per class and print quality metrics")):
-        sp = sub.add_parser(name, help=helptext)
-        sp.add_argument("recipe", help="YAML recipe file")
+        sp = sub.add_parser(name, help=helptext, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("recipe", help="a recipe: YAML file, or the name of a shipped one (`marval-rl recipes`)")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.cfg=2.9")
         if name == "train":
             sp.add_argument("--no-ray", action="store_true",
                             help="run every rollout worker in this process (debugging, tests)")
+        if name in ("train", "distill", "pretrain"):
+            sp.add_argument("--overwrite", action="store_true",
+                            help="start afresh: remove what an earlier run wrote to output_dir")
         sp.set_defaults(fn=fn)
+    sp = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit")
+    sp.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"), help="copy recipe NAME to DEST (a file or folder)")
+    sp.set_defaults(fn=cmd_recipes)
+    sp = sub.add_parser("report", help="rebuild OUTPUT_DIR/report.html of an RL run")
+    sp.add_argument("output_dir")
+    sp.set_defaults(fn=cmd_report)
     return p
+
+
+def prepare_output(recipe, command: str, overwrite: bool = False) -> Path:
+    """The output folder of a command that trains: stale temp files gone, an earlier run's files removed
+    (``--overwrite``) or checked to be this recipe's (resume), then the run record written."""
+    from marval_rl.models.checkpoints import remove_stale_temps
+    from marval_rl import run_record
+
+    out = Path(recipe.output_dir)
+    remove_stale_temps(out)
+    if overwrite and out.is_dir():
+        removed = run_record.overwrite(out, command)
+        if removed:
+            print(f"[{command}] --overwrite: removed {len(removed)} file(s) of the earlier run in {out}")
+    run_record.check_resume(out, recipe, command)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

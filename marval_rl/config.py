@@ -280,8 +280,46 @@ def _check_keys(schema: type, data: Any, prefix: str = "") -> None:
             _check_keys(sub_type, value, full + ".")
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """name -> file of the recipes shipped in the package (the repo's ``recipes/``, installed as
+    ``marval_rl.recipes``)."""
+    from importlib.resources import files
+
+    root = Path(str(files("marval_rl.recipes")))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def recipe_purpose(path: Path) -> str:
+    """The first comment line of a recipe: what it is for."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a shipped recipe (``quickstart`` or
+    ``quickstart.yaml``); otherwise RecipeError with the closest shipped names."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    if p.exists():
+        raise RecipeError(f"recipe {name_or_path}: is a directory, not a YAML file")
+    shipped = shipped_recipes()
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if len(p.parts) == 1 and name in shipped:
+        return shipped[name]
+    close = difflib.get_close_matches(name, list(shipped), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise RecipeError(f"recipe not found: {name_or_path} (neither a file nor a shipped recipe{hint} "
+                      f"`marval-rl recipes` lists them)")
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] = (), schema: type = Recipe):
-    """Load ``path`` (YAML) over the schema's defaults, then apply ``key=value`` overrides."""
+    """Load ``path`` (a YAML file or a shipped recipe's name) over the schema's defaults, then apply
+    ``key=value`` overrides."""
+    if path is not None:
+        path = find_recipe(path)
     recipe_dir = str(Path(path).resolve().parent) if path else str(Path.cwd())
     # omegaconf 2.4 renamed register_new_resolver; resolution happens below, inside this call.
     register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
@@ -289,8 +327,6 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), schem
     register("asset", asset_path, replace=True)
     layers = []
     if path is not None:
-        if not Path(path).is_file():
-            raise RecipeError(f"recipe not found: {path}")
         try:
             layers.append(OmegaConf.load(path))
         except Exception as e:

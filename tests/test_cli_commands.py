@@ -1,0 +1,46 @@
+"""The CLI around the runs: --version, recipes by name, `recipes` / `recipes --copy`, `report`, and the
+deliberate resume (`--overwrite`)."""
+import json
+from pathlib import Path
+
+from marval_rl.cli import main
+from marval_rl.config import recipe_to_yaml
+from test_rl import recipe, setup  # noqa: F401  (the tiny student / VAE fixture)
+
+
+def test_version_and_recipes(capsys, tmp_path, monkeypatch):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("marval-rl ")
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out
+    assert "quickstart " in listing and "The main job on the embedded default" in listing   # name + purpose
+    monkeypatch.chdir(tmp_path)           # found by name from any directory, not only the repo
+    assert main(["validate", "quickstart"]) == 0 and "embedded_clip" in capsys.readouterr().out
+    assert main(["recipes", "--copy", "quickstart", str(tmp_path)]) == 0
+    assert (tmp_path / "quickstart.yaml").read_text().startswith("# The main job")
+    assert main(["recipes", "--copy", "quickstart", str(tmp_path)]) == 2    # never overwrites an edit
+    assert main(["validate", "quikstart"]) == 2
+    assert "did you mean 'quickstart'" in capsys.readouterr().err
+
+
+def test_rerun_overwrite_and_report(setup, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_to_yaml(recipe(setup, out, "train.iterations=1")))
+    assert main(["train", str(path), "--no-ray"]) == 0
+    # the same folder with another algorithm: refused, naming the key (it used to continue the state)
+    assert main(["train", str(path), "--no-ray", "train.algorithm=policy_gradient"]) == 2
+    err = capsys.readouterr().err
+    assert "train.algorithm" in err and "--overwrite" in err
+    assert main(["train", str(path), "--no-ray", "train.algorithm=policy_gradient", "--overwrite"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and "pg/clip_frac" in rows[0]                     # a fresh policy-gradient run
+    assert "algorithm: policy_gradient" in (out / "recipe.yaml").read_text()
+    (out / "report.html").unlink()
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == out / "report.html" and (out / "report.html").is_file()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
