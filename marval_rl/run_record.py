@@ -38,7 +38,7 @@ MAY_DIFFER_ON_RESUME = (
 # per command: the state files it resumes from, then everything else it writes (what --overwrite removes)
 OUTPUTS = {
     "train": (["rl_state.pt"], ["metrics.jsonl", "summary.json", "report.html", "reward_curve.png",
-                                "before_after.png", "eval", "grids", "policy"]),
+                                "before_after.png", "eval", "grids", "policy", "prometheus.yml", "wandb"]),
     "distill": (["distill_train_state.pt"], ["distill_metrics.jsonl", "samples", "student"]),
     "pretrain": (["vae_train_state.pt", "mar_train_state.pt"], ["vae_metrics.jsonl", "mar_metrics.jsonl", "samples",
                                                                 "vae", "teacher"]),

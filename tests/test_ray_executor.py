@@ -211,6 +211,8 @@ def test_run_training_on_ray(cluster, policy_dirs, tmp_path, capsys):
     assert seen.get("ray_marval_rl_rollouts_per_s", 0) > 0
     assert abs(seen["ray_marval_rl_reward_mean"] - lines[-1]["reward/total"]) < 1e-6
     assert "ray_marval_rl_version_lag" in seen
+    # the run wrote a Prometheus scrape config for exactly this endpoint (graphs offline, docs/ray.md)
+    assert f"targets: ['{url.split('/')[2]}']" in (out / "prometheus.yml").read_text()
     # gold rewards are exported too, one series per gold reward (a dropped gold gauge fails this)
     gold = [line for line in body.decode().splitlines() if line.startswith("ray_marval_rl_gold_reward_mean{")]
     assert any('reward="argmax_red"' in line for line in gold), gold

@@ -197,6 +197,10 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     if rank == 0:  # only now, with everything loaded and started: a failing start leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
         write_run_record(out, recipe, "train")
+        if use_ray:  # the custom gauges, graphed offline with a plain Prometheus (docs/ray.md)
+            from marval_rl.rl.ray_executor import write_prometheus_config
+
+            write_prometheus_config(out)
     from marval_rl.rl.rollout import class_names_for
 
     names = list(s.class_names) or class_names_for(class_num)

@@ -206,6 +206,27 @@ def prometheus_url() -> str | None:
         return None
 
 
+def write_prometheus_config(out: Path, job: str = "marval-rl") -> Path | None:
+    """``OUTPUT_DIR/prometheus.yml``: a scrape config for this node's metrics endpoint, so the custom
+    gauges can be graphed offline with a plain Prometheus (``prometheus --config.file=...``, then
+    ``http://127.0.0.1:9090/graph?g0.expr=ray_marval_rl_reward_mean``; docs/ray.md)."""
+    url = prometheus_url()
+    if not url:
+        return None
+    from urllib.parse import urlparse
+
+    target = urlparse(url).netloc
+    text = (f"# written by marval-rl train: scrape Ray's metrics agent of this run's node (docs/ray.md)\n"
+            f"global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n"
+            f"scrape_configs:\n  - job_name: {job}\n    metrics_path: /metrics\n"
+            f"    static_configs:\n      - targets: ['{target}']\n")
+    from marval_rl.models.checkpoints import atomic_write
+
+    path = Path(out) / "prometheus.yml"
+    atomic_write(path, lambda p: Path(p).write_text(text))
+    return path
+
+
 def _absolute_paths(spec: WorkerSpec) -> WorkerSpec:
     """Local files named relative to the driver's directory, made absolute (an actor's cwd may differ
     when joining a cluster started elsewhere). Names that are not existing files are left alone."""
