@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from marval_rl.config import RecipeError, load_recipe, recipe_to_yaml
 from marval_rl.models.checkpoints import CheckpointError
-from marval_rl.run_record import write_run_record
+from marval_rl.run_record import resume_source, write_run_record
 
 
 def cmd_validate(args) -> int:
@@ -118,7 +118,7 @@ def cmd_distill(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_section(recipe.distill)
-    out = prepare_output(recipe, "distill", args.overwrite)
+    out = prepare_output(recipe, "distill", args.overwrite, args.resume)
     teacher = load_generator(recipe.model, recipe.device, expected="mar")
     vae = load_vae(recipe.vae, recipe.device)
     if vae is None:
@@ -127,7 +127,8 @@ def cmd_distill(args) -> int:
     batches = LatentBatches(build_source(recipe.data, "train"), vae)
     t0 = time.perf_counter()
     write_run_record(out, recipe, "distill")
-    _, metrics = distill(teacher, vae, batches, recipe.distill, out)
+    _, metrics = distill(teacher, vae, batches, recipe.distill, out,
+                         resume_from=resume_source(args.resume, "distill") if args.resume else None)
     print(json.dumps({"output_dir": recipe.output_dir, "student": str(Path(recipe.output_dir) / "student"),
                       "minutes": round((time.perf_counter() - t0) / 60, 2),
                       **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
@@ -140,7 +141,8 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.overwrite:
         prepare_output(recipe, "train", overwrite=True)
-    run_training(recipe, use_ray=False if args.no_ray else None)   # checks resume, writes the run record
+    run_training(recipe, use_ray=False if args.no_ray else None,   # checks resume, writes the run record
+                 resume_from=args.resume)
     return 0
 
 
@@ -251,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("train", "distill", "pretrain"):
             sp.add_argument("--overwrite", action="store_true",
                             help="start afresh: remove what an earlier run wrote to output_dir")
+        if name in ("train", "distill"):
+            sp.add_argument("--resume", metavar="PATH",
+                            help="continue the state in PATH (a state file or a run's folder) into output_dir")
         sp.set_defaults(fn=fn)
     sp = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit")
     sp.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"), help="copy recipe NAME to DEST (a file or folder)")
@@ -261,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare_output(recipe, command: str, overwrite: bool = False) -> Path:
+def prepare_output(recipe, command: str, overwrite: bool = False, resume: str | None = None) -> Path:
     """The output folder of a command that trains: stale temp files gone, an earlier run's files removed
     (``--overwrite``) or checked to be this recipe's (resume), then the run record written."""
     from marval_rl.models.checkpoints import remove_stale_temps
@@ -273,7 +278,12 @@ def prepare_output(recipe, command: str, overwrite: bool = False) -> Path:
         removed = run_record.overwrite(out, command)
         if removed:
             print(f"[{command}] --overwrite: removed {len(removed)} file(s) of the earlier run in {out}")
-    run_record.check_resume(out, recipe, command)
+    source = run_record.resume_source(resume, command) if resume else None
+    if source is not None and run_record.has_state(out, command) and \
+            run_record.has_state(out, command).resolve() != source.resolve():
+        raise RecipeError(f"--resume {resume}: output_dir {out} holds a run of its own; use another output_dir "
+                          f"or --overwrite")
+    run_record.check_resume(out, recipe, command, source)
     return out
 
 

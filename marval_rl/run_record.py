@@ -81,11 +81,25 @@ def has_state(out: Path, command: str) -> Path | None:
     return None
 
 
-def check_resume(out: Path, recipe, command: str) -> str:
-    """'fresh' | 'resume'. Raises RecipeError when ``out`` holds another run's state."""
-    state = has_state(out, command)
+def resume_source(path: str | Path, command: str) -> Path:
+    """The state file that ``--resume PATH`` names: the file itself or the one in a run's folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    state = has_state(path, command) if path.is_dir() else None
+    if state is None:
+        names = " or ".join(OUTPUTS.get(command, ([], []))[0])
+        raise RecipeError(f"--resume {path}: no {command} state there (expected {names} or a folder holding it)")
+    return state
+
+
+def check_resume(out: Path, recipe, command: str, state: Path | None = None) -> str:
+    """'fresh' | 'resume'. Raises RecipeError when ``out`` (or the folder of ``state``, from ``--resume``)
+    holds another recipe's run."""
+    state = state if state is not None else has_state(out, command)
     if state is None:
         return "fresh"
+    out = state.parent
     stored = out / RECIPE_FILE
     if not stored.is_file():
         raise RecipeError(f"{out} holds a training state ({state.name}) but no {RECIPE_FILE}, so it cannot be "

@@ -44,3 +44,11 @@ def test_rerun_overwrite_and_report(setup, tmp_path, capsys):  # noqa: F811
     assert main(["report", str(out)]) == 0
     assert Path(capsys.readouterr().out.strip()) == out / "report.html" and (out / "report.html").is_file()
     assert main(["report", str(tmp_path / "nothing")]) == 2
+    # --resume PATH continues another folder's state into a new output_dir (its history comes along)
+    more = tmp_path / "more"
+    assert main(["train", str(path), "--no-ray", "train.algorithm=policy_gradient", "train.iterations=2",
+                 f"output_dir={more}", "--resume", str(out)]) == 0
+    rows = [json.loads(x) for x in (more / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert main(["train", str(path), "--no-ray", f"output_dir={tmp_path / 'x'}", "--resume", str(tmp_path / "none")]) == 2
+    assert "no train state there" in capsys.readouterr().err

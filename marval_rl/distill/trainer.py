@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -200,9 +201,10 @@ class GSIMDistiller:
 
 
 def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
-            progress: bool = True) -> tuple[MARVAL, dict]:
+            progress: bool = True, resume_from: Path | None = None) -> tuple[MARVAL, dict]:
     """Run (or resume) GSIM distillation on ``batches`` (a :class:`LatentBatches`); writes
-    ``out_dir/student`` (the EMA policy)."""
+    ``out_dir/student`` (the EMA policy). ``resume_from``: a state file of another folder to continue
+    (its log rows up to that step come along)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     d = GSIMDistiller(teacher, section)
@@ -210,10 +212,14 @@ def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
     torch.manual_seed(section.seed)
     state_path, log_path = out_dir / "distill_train_state.pt", out_dir / "distill_metrics.jsonl"
     remove_stale_temps(out_dir)
-    start = d.load_state(state_path, gen) if state_path.is_file() else 0
+    source = Path(resume_from) if resume_from is not None else (state_path if state_path.is_file() else None)
+    start = d.load_state(source, gen) if source is not None else 0
+    if source is not None and source.parent.resolve() != out_dir.resolve() and \
+            (source.parent / log_path.name).is_file():
+        shutil.copyfile(source.parent / log_path.name, log_path)
     sync_log(log_path, "step", start)
     if start:
-        print(f"[distill] resuming from step {start} ({state_path})")
+        print(f"[distill] resuming from step {start} ({source})")
     opt = section.generator_optim
     dev = teacher.device
     grid_labels = torch.arange(min(16, teacher.config.class_num))

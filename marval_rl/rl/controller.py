@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from marval_rl.config import Recipe
+from marval_rl.config import Recipe, RecipeError
 from marval_rl.models.checkpoints import atomic_write, remove_stale_temps, save_pretrained, torch_load_safely
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch, RolloutRequest
 from marval_rl.rl.evaluation import EvalPoint, FixedEval, summarise
@@ -36,7 +36,7 @@ from marval_rl.rl.rewards import RewardRecord
 from marval_rl.rl.rollout import RolloutWorker, WorkerSpec
 from marval_rl.rl.trainer import RLTrainer, explore_std
 from marval_rl.rl.update_rules import resolve_update_rule
-from marval_rl.run_record import check_resume, write_run_record
+from marval_rl.run_record import check_resume, has_state, resume_source, write_run_record
 
 
 class Executor(Protocol):
@@ -154,8 +154,10 @@ def _point_from_state(d: dict) -> EvalPoint | None:
 
 
 def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = True,
-                 stop_after: int | None = None) -> dict:
-    """Run (or resume) RL; returns the summary. ``stop_after`` ends early (tests of resume)."""
+                 stop_after: int | None = None, resume_from: str | Path | None = None) -> dict:
+    """Run (or resume) RL; returns the summary. ``resume_from``: a state (``rl_state.pt`` or a run's
+    folder) to continue into ``output_dir``; default: the one in ``output_dir`` if any. ``stop_after``
+    ends early (tests of resume)."""
     from marval_rl.loading import load_generator, load_vae
     from marval_rl.rl.distributed import all_mean, finish, world
     from marval_rl.rl.logging import RunLogger
@@ -166,7 +168,12 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     s, out = recipe.train, Path(recipe.output_dir)
     if rank == 0:
         remove_stale_temps(out)
-        check_resume(out, recipe, "train")   # another recipe's state in out: stop, naming what differs
+    source = resume_source(resume_from, "train") if resume_from is not None else None
+    if rank == 0:  # another recipe's state: stop, naming what differs
+        if source is not None and has_state(out, "train") and has_state(out, "train").resolve() != source.resolve():
+            raise RecipeError(f"--resume {resume_from}: output_dir {out} holds a run of its own; use another "
+                              f"output_dir or --overwrite")
+        check_resume(out, recipe, "train", source)
     torch.manual_seed(s.seed)
     policy = load_generator(recipe.model, recipe.device, expected="marval")
     vae = load_vae(recipe.vae, recipe.device)
@@ -178,13 +185,14 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     state_path = out / "rl_state.pt"
     history: list[dict] = []
     start, first, wandb_id = 0, None, None
-    if state_path.is_file():
-        state = torch_load_safely(state_path)
+    load_from = source or (state_path if state_path.is_file() else None)
+    if load_from is not None:
+        state = torch_load_safely(load_from)
         trainer.load_state_dict(state["trainer"])
         history, start = json.loads(state["history"]), int(state["iteration"])
         first = _point_from_state(state.get("eval_first", {}))
         wandb_id = state.get("wandb_id") or None
-        print(f"[train] resuming at iteration {start} ({state_path})")
+        print(f"[train] resuming at iteration {start} ({load_from})")
     use_ray = s.use_ray if use_ray is None else use_ray
     spec = WorkerSpec.from_recipe(recipe)
     if use_ray:
@@ -204,7 +212,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     from marval_rl.rl.rollout import class_names_for
 
     names = list(s.class_names) or class_names_for(class_num)
-    logger = RunLogger(out, recipe, names, start=start, wandb_id=wandb_id) if rank == 0 else None
+    logger = RunLogger(out, recipe, names, history, wandb_id=wandb_id) if rank == 0 else None
     t_run = time.perf_counter()
     last, real = None, {}
     end = s.iterations if stop_after is None else min(s.iterations, stop_after)

@@ -10,14 +10,15 @@ from marval_rl.models.checkpoints import atomic_write
 
 
 class RunLogger:
-    def __init__(self, out: Path, recipe, names: list[str], start: int = 0, wandb_id: str | None = None):
-        """``names``: class id -> entity name (grid labels). ``start``: the iteration the run (re)starts at;
-        the log is cut back to it (``sync_log``). ``wandb_id``: the wandb run to continue (from the state)."""
-        from marval_rl.training import sync_log
-
+    def __init__(self, out: Path, recipe, names: list[str], history: list[dict] = (), wandb_id: str | None = None):
+        """``names``: class id -> entity name (grid labels). ``history``: the rows of the state the run
+        resumes from (none: a fresh start); the log is rewritten from them, so it holds each iteration
+        once, agrees with the state, and a fresh start never appends to an old log. ``wandb_id``: the
+        wandb run to continue (from the state)."""
         self.out, self.recipe, self.names = Path(out), recipe, names
         self.metrics_path = self.out / "metrics.jsonl"
-        sync_log(self.metrics_path, "iteration", start)
+        rows = "".join(json.dumps(h) + "\n" for h in history)
+        atomic_write(self.metrics_path, lambda p: Path(p).write_text(rows))
         self.wandb = None
         if recipe.train.wandb != "off":
             from marval_rl.rl.tracking import WandbRun
