@@ -6,7 +6,9 @@ With ``scale=1`` (default) the value is the raw cosine in [-1, 1]. CLIPScore (He
 ``scale=2.5, clamp_negative=True`` or ``scale=100, clamp_negative=True`` to get those numbers.
 
 Weights are loaded from local files only, unless ``pretrained=<tag>`` is given for open_clip (a hub
-download, online only). Text embeddings are cached per prompt (they do not depend on the image), image
+download, online only). Every path argument also takes a name from ``marval-rl download --list`` or a hub
+id (``org/repo`` or ``org/repo/file``), found in the local Hugging Face cache (``marval_rl.hub.resolve``,
+offline; docs/weights.md). Text embeddings are cached per prompt (they do not depend on the image), image
 preprocessing runs in torch so gradients flow to the pixels.
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from marval_rl.hub import OPEN_CLIP_FILES, HubError, fetch_hint, resolve
+
 from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptCache, RewardError, RewardModel, chunks,
                    interpolation_name, normalize, resize_center_crop)
 
@@ -25,6 +29,14 @@ __all__ = ["OpenCLIPScore", "HFCLIPScore", "read_hf_preprocess", "load_open_clip
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _resolve(spec, filename, reward: str):
+    """A loader's path argument: local path as given, or a table name / hub id from the local HF cache."""
+    try:
+        return resolve(spec, filename) if spec else spec
+    except HubError as e:
+        raise RewardError(f"{reward}: {e}") from None
 
 
 def _dtype(precision: str | torch.dtype | None) -> torch.dtype:
@@ -43,7 +55,10 @@ def load_open_clip(model: str, weights: str | None = None, pretrained: str | Non
     """(model, tokenizer, preprocess_cfg) for an open_clip config name or a JSON config file.
 
     ``weights``: a local ``.safetensors`` / ``.bin`` / ``.pt`` state dict (open_clip reads pickles with
-    ``weights_only=True`` and loads strictly). ``pretrained``: an open_clip tag (downloads; online only).
+    ``weights_only=True`` and loads strictly), or a table name / hub id (``clip_vit_b32``,
+    ``laion/CLIP-ViT-B-32-laion2B-s34B-b79K``: its ``open_clip_model.safetensors``) in the local HF cache.
+    ``model``: a config name or a JSON config (a local file or ``org/repo/config.json`` in the cache).
+    ``pretrained``: an open_clip tag (downloads; online only).
     """
     import open_clip
 
@@ -54,9 +69,9 @@ def load_open_clip(model: str, weights: str | None = None, pretrained: str | Non
         raise RewardError("clip_score: give either weights= (a local file) or pretrained= (a tag), not both")
     name = str(model)
     if name.endswith(".json"):
-        path = Path(name).expanduser()
+        path = Path(_resolve(name, None, "clip_score")).expanduser()
         if not path.is_file():
-            raise RewardError(f"clip_score: model config file not found: {path}")
+            raise RewardError(f"clip_score: model config file not found: {path}{fetch_hint(name)}")
         try:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -70,9 +85,9 @@ def load_open_clip(model: str, weights: str | None = None, pretrained: str | Non
         raise RewardError(f"clip_score: unknown open_clip model {name!r} (not a config name, and not a path to a "
                           f".json config); e.g. ViT-B-32, ViT-H-14, ViT-S-16")
     if weights:
-        wpath = Path(weights).expanduser()
+        wpath = Path(_resolve(weights, OPEN_CLIP_FILES, "clip_score")).expanduser()
         if not wpath.is_file():
-            raise RewardError(f"clip_score: weights file not found: {wpath}")
+            raise RewardError(f"clip_score: weights file not found: {wpath}{fetch_hint(weights)}")
         weights = str(wpath)
     try:
         clip = open_clip.create_model(name, pretrained=weights or pretrained, device=device)
@@ -96,7 +111,8 @@ def _cosine(reward, images, prompts) -> torch.Tensor:
 class OpenCLIPScore(RewardModel):
     """CLIP score on an open_clip model (any config, including custom JSON configs).
 
-    kwargs: ``model`` (config name, e.g. "ViT-B-32", or path to a JSON config), ``weights`` (local file),
+    kwargs: ``model`` (config name, e.g. "ViT-B-32", or path to a JSON config), ``weights`` (local file, or a
+    name / hub id in the local HF cache, e.g. ``clip_vit_b32``),
     ``pretrained`` (tag, online only), ``random_init`` (tests), ``scale`` (1.0), ``clamp_negative`` (False),
     ``precision`` (fp32 | bf16 | fp16), ``device``, ``batch_size`` (images per forward chunk; None = all).
     """
@@ -173,10 +189,10 @@ def read_hf_preprocess(folder: str | Path) -> dict[str, Any]:
 
 def _check_folder(path: str | Path | None, what: str, reward: str) -> Path:
     if not path:
-        raise RewardError(f"{reward}: needs path=<local {what} folder>")
-    p = Path(path).expanduser()
+        raise RewardError(f"{reward}: needs path=<local {what} folder, or a name / hub id in the HF cache>")
+    p = Path(_resolve(path, None, reward)).expanduser()
     if not p.is_dir():
-        raise RewardError(f"{reward}: {what} folder not found: {p}")
+        raise RewardError(f"{reward}: {what} folder not found: {p}{fetch_hint(path)}")
     if what in ("model", "config") and not (p / "config.json").is_file():
         raise RewardError(f"{reward}: {p} has no config.json (expected a transformers CLIPModel folder)")
     if what == "model" and not any((p / f).is_file() for f in ("model.safetensors", "pytorch_model.bin",
@@ -189,9 +205,10 @@ def _check_folder(path: str | Path | None, what: str, reward: str) -> Path:
 class HFCLIPScore(RewardModel):
     """CLIP score on a transformers ``CLIPModel`` saved in a local folder (``save_pretrained`` layout).
 
-    kwargs: ``path`` (model folder), ``processor`` (folder with preprocessor_config.json and tokenizer files;
-    default ``path``), ``scale`` (1.0), ``use_logit_scale`` (multiply the cosine by the model's
-    ``logit_scale.exp()`` instead of ``scale``), ``clamp_negative``, ``precision``, ``device``, ``batch_size``.
+    kwargs: ``path`` (model folder; or a hub id ``org/repo`` / table name whose snapshot is in the local HF
+    cache), ``processor`` (folder with preprocessor_config.json and tokenizer files, same forms; default
+    ``path``), ``scale`` (1.0), ``use_logit_scale`` (multiply the cosine by the model's ``logit_scale.exp()``
+    instead of ``scale``), ``clamp_negative``, ``precision``, ``device``, ``batch_size``.
     """
 
     name = "hf_clip_score"

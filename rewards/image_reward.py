@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from marval_rl.hub import WEIGHTS, HubError, fetch_hint, parse_hub_id, resolve
+
 from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RewardError, RewardModel, chunks, normalize, resize_center_crop
 
 __all__ = ["ImageReward", "ImageRewardNet", "map_checkpoint", "vision_config_from_checkpoint", "MEAN", "STD"]
@@ -140,13 +142,32 @@ class ImageRewardNet(nn.Module):
         return (self.mlp.layers(cls)[:, 0].float() - MEAN) / STD
 
 
+# the file each argument names inside a repo when given a hub id / table name without a file
+_HUB_FILES = {"checkpoint": "ImageReward.pt", "med_config": "med_config.json", "vocab": "vocab.txt"}
+
+
 def _file(path, what: str) -> Path:
+    """A local file, or a table name / hub id (``image_reward``, ``THUDM/ImageReward``) from the local HF cache."""
     if not path:
-        raise RewardError(f"image_reward: needs {what}=<local file>")
-    p = Path(path).expanduser()
+        raise RewardError(f"image_reward: needs {what}=<local file, or a name / hub id in the HF cache>")
+    try:
+        p = Path(resolve(path, _HUB_FILES[what])).expanduser()
+    except HubError as e:
+        raise RewardError(f"image_reward: {e}") from None
     if not p.is_file():
-        raise RewardError(f"image_reward: {what} file not found: {p}")
+        raise RewardError(f"image_reward: {what} file not found: {p}{fetch_hint(path)}")
     return p
+
+
+def _repo_of(spec) -> str | None:
+    """The table name or ``org/repo[@rev]`` a checkpoint spec names (not a path on disk), else None:
+    med_config then defaults to the same repo's med_config.json."""
+    if not spec or Path(str(spec)).expanduser().exists():
+        return None
+    if str(spec) in WEIGHTS:
+        return str(spec)
+    parsed = parse_hub_id(str(spec))
+    return None if parsed is None else parsed[0] + (f"@{parsed[1]}" if parsed[1] else "")
 
 
 def build_tokenizer(vocab: str | Path):
@@ -159,10 +180,12 @@ def build_tokenizer(vocab: str | Path):
 
 
 class ImageReward(RewardModel):
-    """ImageReward on transformers BLIP, from local files.
+    """ImageReward on transformers BLIP, from local files (or the local Hugging Face cache).
 
     kwargs: ``checkpoint`` (ImageReward.pt), ``med_config`` (med_config.json), ``vocab`` (a BERT uncased
-    vocab.txt), ``vision_heads`` (only for non-standard widths), ``image_size`` (preprocessing size; default
+    vocab.txt); each a local file or a table name / hub id in the local HF cache (``checkpoint="image_reward"``
+    or ``"THUDM/ImageReward"``, ``vocab="bert_base_uncased"``; ``med_config`` then defaults to the checkpoint's
+    repo), ``vision_heads`` (only for non-standard widths), ``image_size`` (preprocessing size; default
     the checkpoint's), ``random_init`` (build the official architecture with random weights, no checkpoint;
     benchmarks), ``precision``, ``device``, ``batch_size``.
     After loading, ``self.load_report`` lists the dropped checkpoint keys.
@@ -180,6 +203,8 @@ class ImageReward(RewardModel):
 
         from .clip_score import _dtype
 
+        if med_config is None and _repo_of(checkpoint):
+            med_config = _repo_of(checkpoint)  # the same repo holds ImageReward.pt and med_config.json
         med_path, vocab_path = _file(med_config, "med_config"), _file(vocab, "vocab")
         try:
             med = json.loads(med_path.read_text())

@@ -5,7 +5,10 @@ Its reference usage scores ``logit_scale.exp() * cos(image, prompt)`` with a tra
 (resize shortest edge to 224, bicubic, centre crop 224, OpenAI CLIP mean/std; text padded and truncated to
 77 tokens). Here both come from local folders: ``path`` is the model folder (config.json + weights) and
 ``processor`` the folder with ``preprocessor_config.json`` and the tokenizer files (default: ``path``;
-the PickScore_v1 folder carries its own copies). The score is typically around 20-23 for relevant pairs;
+the PickScore_v1 folder carries its own copies). Either may instead be a hub id or a name from
+``marval-rl download --list`` whose snapshot is in the local Hugging Face cache (offline):
+``path="pickscore"`` (``yuvalkirstain/PickScore_v1``), ``processor="pickscore_processor"``
+(``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``); docs/weights.md. The score is typically around 20-23 for relevant pairs;
 differences between images for the same prompt are what matter.
 """
 from __future__ import annotations
@@ -16,7 +19,8 @@ __all__ = ["PickScore"]
 
 
 class PickScore(HFCLIPScore):
-    """kwargs: ``path`` (PickScore_v1 folder), ``processor`` (processor folder; default ``path``), ``precision``,
+    """kwargs: ``path`` (PickScore_v1 folder, or ``pickscore`` / ``yuvalkirstain/PickScore_v1`` from the HF cache),
+    ``processor`` (processor folder or hub id; default ``path``), ``precision``,
     ``device``, ``batch_size``, ``random_init`` (architecture from ``path/config.json``, random weights)."""
 
     name = "pickscore"
