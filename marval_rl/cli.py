@@ -18,9 +18,17 @@ from marval_rl.run_record import resume_source, write_run_record
 def cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     print(recipe_to_yaml(recipe), end="")
-    problems = [f"{name}.checkpoint: {p} does not exist"
-                for name, p in (("model", recipe.model.checkpoint), ("vae", recipe.vae.checkpoint))
-                if p and not Path(p).exists()]
+    from marval_rl.hub import HubError, fetch_hint, resolve
+
+    problems = []
+    for name, p in (("model", recipe.model.checkpoint), ("vae", recipe.vae.checkpoint)):
+        if not p:
+            continue
+        try:
+            if not Path(resolve(p)).exists():
+                problems.append(f"{name}.checkpoint: {p} does not exist{fetch_hint(p)}")
+        except HubError as e:
+            problems.append(f"{name}.checkpoint: {e}")
     for line in problems:
         print(f"warning: {line}", file=sys.stderr)
     return 0
@@ -198,6 +206,7 @@ EXAMPLES = """examples:
   marval-rl distill distill_embedded                  one-step student from the embedded teacher
   marval-rl evaluate quickstart_student               FID-proxy and accuracy of a generator
   marval-rl recipes --copy quickstart .               copy a recipe to edit
+  marval-rl download mar_base kl16                    official weights into the Hugging Face cache
 """
 
 
@@ -231,6 +240,22 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    from marval_rl import hub
+
+    if args.list:
+        print(hub.format_table())
+        print(f"\nmarval-rl download NAME... puts them in the Hugging Face cache ({hub.cache_dir()}), where loaders "
+              f"find them by name offline; --dir DIR writes DIR/<the recipes' layout>. docs/weights.md")
+        return 0
+    if not args.names:
+        raise hub.HubError(f"name the weights to download (known names: {', '.join(hub.WEIGHTS)}; or a hub id "
+                           f"org/repo[/file]), or --list")
+    for name, path in zip(args.names, hub.download(args.names, args.dir)):
+        print(f"{name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from marval_rl.run_record import version
 
@@ -260,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("recipes", help="list the shipped recipes, or copy one to edit")
     sp.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"), help="copy recipe NAME to DEST (a file or folder)")
     sp.set_defaults(fn=cmd_recipes)
+    sp = sub.add_parser("download", help="fetch released weights by name or hub id (huggingface_hub)",
+                        epilog="examples:\n  marval-rl download --list\n  marval-rl download mar_base kl16\n"
+                               "  marval-rl download pickscore pickscore_processor --dir pretrained_models\n"
+                               "  marval-rl download THUDM/ImageReward/ImageReward.pt\n(docs/weights.md)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("names", nargs="*", metavar="NAME", help="a name from --list, or a hub id org/repo[/path]")
+    sp.add_argument("--dir", default=None, metavar="DIR",
+                    help="write to DIR/<the recipes' layout> (e.g. pretrained_models) instead of the HF cache")
+    sp.add_argument("--list", action="store_true", help="print the table of known weights and exit")
+    sp.set_defaults(fn=cmd_download)
     sp = sub.add_parser("report", help="rebuild OUTPUT_DIR/report.html of an RL run")
     sp.add_argument("output_dir")
     sp.set_defaults(fn=cmd_report)

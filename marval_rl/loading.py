@@ -1,12 +1,14 @@
 """Turn recipe sections into models: official files or marval-rl checkpoint directories."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from marval_rl.config import ModelSection, RecipeError, VAESection
+from marval_rl.hub import HubError, resolve
 from marval_rl.models.checkpoints import (load_official_mar, load_official_vae, load_pretrained,
                                           read_pretrained_config)
 
@@ -28,13 +30,45 @@ def _official_mar_config(section: ModelSection) -> dict:
     return cfg
 
 
+def _checkpoint_path(spec: str, key: str) -> Path:
+    """A recipe's checkpoint: a local path as given, or a name (``marval-rl download --list``) / hub id
+    (``org/repo[/file]``) from the local Hugging Face cache; a missing one names the command that fetches it."""
+    try:
+        return Path(resolve(spec))
+    except HubError as e:
+        raise RecipeError(f"{key}: {e}") from None
+
+
+def _load_mar_safetensors(path: Path, config: dict, ema: bool, device):
+    """A bare MAR state dict in safetensors (the hub's mar-large / mar-huge conversions), strictly."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    from marval_rl.models.checkpoints import check_state_dict
+    from marval_rl.models.mar import MAR
+
+    if ema:
+        warnings.warn(f"{path} holds one state dict, not the official file's 'model_ema' (the hub's conversions "
+                      f"are reported to be the non-EMA weights; docs/weights.md); model.ema is ignored", stacklevel=2)
+    sd = load_file(str(path), device="cpu")
+    with torch.device("meta"):
+        model = MAR(config)
+    check_state_dict(model, sd, str(path))
+    model = model.to_empty(device=device)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
 def load_generator(section: ModelSection, device: str | torch.device = "cpu", expected: str | None = None):
     """A generator in eval mode: a MAR teacher (official ``.pth`` or marval-rl directory) or a MARVAL
     student (marval-rl directory). ``expected`` ("mar" | "marval") rejects the other kind."""
     if not section.checkpoint:
         raise RecipeError("model.checkpoint is empty: give an official checkpoint-last.pth or a "
                           "marval-rl checkpoint directory")
-    path = Path(section.checkpoint)
+    path = _checkpoint_path(section.checkpoint, "model.checkpoint")
+    if section.checkpoint in ("mar_base", "mar_large", "mar_huge") and not section.arch and not section.config:
+        section = dataclasses.replace(section, arch=section.checkpoint)   # the table name is the factory name
     if path.is_dir():
         arch = read_pretrained_config(path)["architecture"]
         if arch not in ("mar", "marval"):
@@ -42,6 +76,8 @@ def load_generator(section: ModelSection, device: str | torch.device = "cpu", ex
         return load_pretrained(path, expected=expected, map_location=device)
     if expected == "marval":
         raise RecipeError(f"{path} is an official MAR checkpoint, but a MARVAL student is expected here")
+    if path.suffix == ".safetensors":
+        return _load_mar_safetensors(path, _official_mar_config(section), section.ema, device)
     return load_official_mar(path, _official_mar_config(section), ema=section.ema, map_location=device)
 
 
@@ -49,7 +85,7 @@ def load_vae(section: VAESection, device: str | torch.device = "cpu"):
     """The VAE, or None when the recipe has no VAE checkpoint (then only latents are written)."""
     if not section.checkpoint:
         return None
-    path = Path(section.checkpoint)
+    path = _checkpoint_path(section.checkpoint, "vae.checkpoint")
     if path.is_dir():
         return load_pretrained(path, expected="vae", map_location=device)
     return load_official_vae(path, section.config or None, map_location=device)
