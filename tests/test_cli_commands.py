@@ -52,3 +52,11 @@ def test_rerun_overwrite_and_report(setup, tmp_path, capsys):  # noqa: F811
     assert [r["iteration"] for r in rows] == [1, 2]
     assert main(["train", str(path), "--no-ray", f"output_dir={tmp_path / 'x'}", "--resume", str(tmp_path / "none")]) == 2
     assert "no train state there" in capsys.readouterr().err
+
+
+def test_download_command_lists_and_refuses_unknown_names(capsys):
+    assert main(["download", "--list"]) == 0
+    assert "mar_base" in capsys.readouterr().out
+    assert main(["download", "no_such_weights"]) == 2            # one line naming the known names
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_weights" in err[0] and "mar_base" in err[0]
