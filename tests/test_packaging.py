@@ -1,5 +1,6 @@
 """What a pip user gets: the built wheel holds the recipes, the rewards under marval_rl.rewards (never a
 top-level `rewards`), the embedded assets; pyproject's package list matches the source folders."""
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -27,9 +28,14 @@ def test_package_list_matches_the_folders():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
-    out = tmp_path_factory.mktemp("wheel")
+    # built from a copy of the sources: an in-tree build would leave build/ and *.egg-info in the checkout
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("marval_rl", "rewards", "recipes"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, timeout=600)
+                    str(src)], check=True, capture_output=True, timeout=600)
     return zipfile.ZipFile(next(out.glob("marval_rl-*.whl")))
 
 
