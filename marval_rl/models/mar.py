@@ -57,7 +57,8 @@ class MARConfig:
     grad_checkpointing: bool = False
     # Not an official argument: clamp the head sampler's x0 prediction to +-head_clip_x0 (None = never,
     # as MAR). A small head trained for minutes predicts eps at t = 999 less exactly than a released
-    # one, and the cosine schedule amplifies that error ~2e4x there (docs/embedded.md).
+    # one, and the cosine schedule amplifies that error ~2e4x there (1 / sqrt(alphabar_999), alphabar_999
+    # ~ 2.4e-9; docs/distill.md, "student parameterisation").
     head_clip_x0: Optional[float] = None
 
     def __post_init__(self):

@@ -160,7 +160,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     ends early (tests of resume)."""
     from marval_rl.loading import load_generator, load_vae
     from marval_rl.rl.distributed import all_mean, finish, world
-    from marval_rl.rl.logging import RunLogger
+    from marval_rl.rl.run_logger import RunLogger
     from marval_rl.rl.rewards import RewardSet
 
     check_train_recipe(recipe)
