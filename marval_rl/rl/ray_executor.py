@@ -4,7 +4,8 @@ This is the only module of marval-rl that imports Ray (docs/ray.md).
 
 * Cluster: ``ray.init(address="local", ...)`` starts a private local cluster sized for the workers
   (``num_workers x worker_threads`` CPUs) with the dashboard on ``train.dashboard_host`` (127.0.0.1 by
-  default); ``train.ray_address`` ("auto", "host:6379", "ray://host:10001") joins an existing one; a
+  default) and every other service of it on 127.0.0.1 (``_loopback_node``; docs/ray.md "What listens
+  where"); ``train.ray_address`` ("auto", "host:6379", "ray://host:10001") joins an existing one; a
   process where Ray is already initialised is reused as it is. Only a cluster this executor started
   is shut down by ``shutdown()``.
 * Workers: one named actor ``marval-rl-worker-<i>`` per worker (``RolloutWorker(spec, i)``, ``num_cpus =
@@ -133,11 +134,15 @@ def private_working_dir() -> dict:
 _EMPTY_DIR: str | None = None
 
 
-def init_ray(section: TrainSection, num_cpus: int) -> tuple[bool, str | None]:
-    """Initialise Ray for the controller. Returns (started a local cluster here?, dashboard URL or None)."""
+def init_ray(section: TrainSection, num_cpus: int, job_name: str | None = None) -> tuple[bool, str | None]:
+    """Initialise Ray for the controller. Returns (started a local cluster here?, dashboard URL or None).
+    ``job_name``: the run's name in the dashboard's Jobs table (the output folder's name)."""
     if ray.is_initialized():
         return False, _dashboard_url()
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=private_working_dir())
+    from ray.job_config import JobConfig
+
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=private_working_dir(),
+                 job_config=JobConfig(metadata={"job_name": job_name} if job_name else {}))
     if section.ray_address:
         _token_auth_for_join(section.ray_address)
         try:
@@ -150,6 +155,7 @@ def init_ray(section: TrainSection, num_cpus: int) -> tuple[bool, str | None]:
                     f"the cluster's token ({auth_token_path()} or RAY_AUTH_TOKEN) with RAY_AUTH_MODE=token, or "
                     f"use RAY_AUTH_MODE=disabled on both sides (docs/ray.md)") from err
             raise
+        _private_token_file()
         return False, getattr(ctx, "dashboard_url", None) or _dashboard_url()
     host, port = section.dashboard_host or "127.0.0.1", section.dashboard_port
     if host in ("0.0.0.0", "::"):
@@ -158,10 +164,103 @@ def init_ray(section: TrainSection, num_cpus: int) -> tuple[bool, str | None]:
         # another Ray (or anything) holds the port: let Ray pick the next free one from 8265 on
         print(f"[ray] dashboard port {port} is in use; Ray picks a free port (printed below)")
         port = None
-    # address="local": always a fresh private cluster, never someone's `ray start` cluster or $RAY_ADDRESS
-    ctx = ray.init(address="local", num_cpus=max(1, int(num_cpus)), include_dashboard=True,
-                   dashboard_host=host, dashboard_port=port or None, **quiet)
+    # address="local": always a fresh private cluster, never someone's `ray start` cluster or $RAY_ADDRESS;
+    # every service of it on loopback (_loopback_node, docs/ray.md "What listens where")
+    _precreate_private_token()
+    with _loopback_node():
+        ctx = ray.init(address="local", num_cpus=max(1, int(num_cpus)), include_dashboard=True,
+                       dashboard_host=host, dashboard_port=port or None, _node_ip_address=LOOPBACK, **quiet)
+    _private_token_file()
+    node_ip = _node_ip()
+    if node_ip and not _is_loopback(node_ip):  # a Ray version that ignores the loopback request: say so
+        print(f"[ray] note: this Ray put the local cluster's services on {node_ip}, not {LOOPBACK}; they are "
+              f"reachable from other hosts (token auth guards them; docs/ray.md)")
     return True, getattr(ctx, "dashboard_url", None) or _dashboard_url()
+
+
+LOOPBACK = "127.0.0.1"
+
+
+class _loopback_node:
+    """Context for ``ray.init(address="local", _node_ip_address="127.0.0.1")`` that Ray honours.
+
+    Ray 2.60 replaces a loopback ``_node_ip_address`` by the machine's routable address
+    (``services.resolve_ip_for_localhost``) unless ``ray_constants.ENABLE_RAY_CLUSTER`` is False, which
+    is Ray's own default on macOS/Windows ("local Ray only") and is read only there, at call time.
+    With the node IP on loopback every service binds to 127.0.0.1: GCS, raylet (node manager, object
+    manager), the workers' and the driver's gRPC servers, the dashboard agent (gRPC, HTTP, Prometheus
+    metrics export), the runtime-env agent, and the dashboard's and autoscaler's Prometheus endpoints
+    (ports 44227, 44217). The flag is set only while ``ray.init`` runs (the processes it starts get the
+    node IP on their command line) and is restored afterwards."""
+
+    def __enter__(self):
+        from ray._private import ray_constants
+
+        self._consts = ray_constants
+        self._saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+        if self._saved is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            self._consts.ENABLE_RAY_CLUSTER = self._saved
+        return False
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    try:
+        addr = ipaddress.ip_address(ip.strip("[]"))
+    except ValueError:
+        return ip == "localhost"
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as an IPv6 socket reports loopback
+    return (mapped or addr).is_loopback
+
+
+def _node_ip() -> str | None:
+    try:
+        return ray._private.worker.global_worker.node.node_ip_address
+    except Exception:
+        return None
+
+
+def _precreate_private_token() -> None:
+    """Create the token Ray would generate for a new local cluster, but with mode 0600 from the
+    first byte: Ray writes ``~/.ray/auth_token`` with ``open(path, "w")`` (0644 under the usual umask).
+    Only when Ray would generate it: token mode on or unset (Ray 2.60 turns it on for new local
+    clusters), no ``$RAY_AUTH_TOKEN``/``$RAY_AUTH_TOKEN_PATH``, no token file yet."""
+    if (os.environ.get("RAY_AUTH_MODE") or "token").lower() != "token":
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"  # Ray's own default path (authentication_token_setup)
+    if path.exists():
+        return
+    try:
+        from ray._private.authentication.authentication_token_generator import (
+            generate_new_authentication_token)
+    except ImportError:  # Ray without token auth
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:  # created meanwhile, or not writable: Ray deals with it; _private_token_file() after
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(generate_new_authentication_token())
+
+
+def _private_token_file() -> None:
+    """The token file (``auth_token_path()``) readable by its owner only (0600), if this user owns it."""
+    path = auth_token_path()
+    try:
+        st = path.stat()
+        if path.is_file() and st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
 
 
 _JOIN_HINT = ""
@@ -198,10 +297,13 @@ def _dashboard_url() -> str | None:
 
 def prometheus_url() -> str | None:
     """This node's metrics agent endpoint (Prometheus text format), where the gauges appear with a
-    ``ray_`` prefix ~10 s after ``report()`` (Ray's export interval)."""
+    ``ray_`` prefix ~10 s after ``report()`` (Ray's export interval). It answers without a token; on
+    the local cluster it listens on 127.0.0.1 only."""
     try:
         node = ray._private.worker.global_worker.node
-        return f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+        ip = node.node_ip_address
+        host = f"[{ip}]" if ":" in ip else ip  # an IPv6 node IP (::1) needs brackets in a URL
+        return f"http://{host}:{node.metrics_export_port}/metrics"
     except Exception:
         return None
 
@@ -246,7 +348,7 @@ class RayExecutor:
     """``num_workers`` ``RolloutWorker`` actors; the interface of ``controller.LocalExecutor``."""
 
     def __init__(self, spec: WorkerSpec, num_workers: int, section: TrainSection,
-                 max_retries: int = 3, startup_timeout_s: float = 600.0):
+                 max_retries: int = 3, startup_timeout_s: float = 600.0, job_name: str | None = None):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.spec, self.section, self.num_workers = _absolute_paths(spec), section, num_workers
@@ -258,7 +360,8 @@ class RayExecutor:
         self.names: list[str] = [""] * num_workers
         self.workers: list = []
         self._closed = False
-        self._owns_ray, self.dashboard_url = init_ray(section, num_workers * max(1, section.worker_threads))
+        self._owns_ray, self.dashboard_url = init_ray(section, num_workers * max(1, section.worker_threads),
+                                                      job_name=job_name)
         for line in dashboard_help(self.dashboard_url):
             print(line)
         try:
