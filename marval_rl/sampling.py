@@ -71,6 +71,9 @@ class DiffusionSampler:
     """
 
     def __init__(self, diffloss, num_steps: int | str | None = None):
+        if isinstance(num_steps, bool) or (_is_real(num_steps) and (num_steps != int(num_steps) or num_steps < 1)):
+            raise ValueError(f"num_steps (diffusion-head steps) must be an integer >= 1 or None (the model's), "
+                             f"got {num_steps!r}")
         self.diffloss = diffloss
         self.one_call = num_steps is not None and int(num_steps) == 1
         self.diffusion = None if num_steps is None or self.one_call else GaussianDiffusion(str(num_steps))
@@ -153,28 +156,37 @@ def sample_tokens(model, bsz: int | None = None, labels=None, num_iter: int = 64
                                                     replay.cfg_schedule, replay.temperature)
     device, L, C = model.device, model.seq_len, model.token_embed_dim
     if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.int64, device=device).reshape(-1)
+        labels = _int_tensor(labels, "labels", device).reshape(-1)
         if bsz is not None and bsz != labels.numel():
             raise ValueError(f"bsz={bsz} but {labels.numel()} labels were given")
         bsz = labels.numel()
-    if bsz is None or bsz < 1:
-        raise ValueError("give labels, or bsz >= 1 for unconditional (null-class) sampling")
-    if not 1 <= int(num_iter) <= L:
-        raise ValueError(f"num_iter must be in [1, {L}] (the number of tokens), got {num_iter}")
+    if bsz is None or not _is_int(bsz) or bsz < 1:
+        raise ValueError(f"give labels, or an integer bsz >= 1 for unconditional (null-class) sampling, got bsz={bsz}")
+    if not _is_int(num_iter) or not 1 <= int(num_iter) <= L:
+        raise ValueError(f"num_iter must be an integer in [1, {L}] (the number of tokens), got {num_iter!r}")
+    if not _is_real(cfg) or math.isnan(cfg):
+        raise ValueError(f"cfg must be a finite number >= 1 (MAR's guidance scale, 1.0 = no guidance), got {cfg!r}")
     if cfg < 1.0:
         raise ValueError(f"cfg is MAR's guidance scale (1.0 = no guidance); values below 1 are not "
                          f"meaningful, got {cfg}")
+    if not math.isfinite(cfg):
+        raise ValueError(f"cfg must be a finite number >= 1 (MAR's guidance scale, 1.0 = no guidance), got {cfg}")
+    if grad_last_k is not None and (not _is_int(grad_last_k) or grad_last_k < 1):
+        raise ValueError(f"grad_last_k must be None (all steps) or an integer >= 1, got {grad_last_k!r}")
     if cfg != 1.0 and labels is None:
         raise ValueError("cfg != 1 needs class labels (the unconditional branch is the null class)")
     if cfg_schedule not in ("linear", "constant"):
         raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if orders is None:
         orders = model.sample_orders(bsz, generator)
-    orders = torch.as_tensor(orders, dtype=torch.int64, device=device)
+    orders = _int_tensor(orders, "orders", device)
     if orders.shape != (bsz, L):
         raise ValueError(f"orders must be [{bsz}, {L}], got {tuple(orders.shape)}")
+    if not torch.equal(orders.sort(dim=1).values, torch.arange(L, device=device).expand(bsz, L)):
+        bad = [i for i in range(bsz) if not torch.equal(orders[i].sort().values, torch.arange(L, device=device))]
+        raise ValueError(f"orders must hold a permutation of range({L}) in every row; rows {bad[:8]} do not")
     sampler = token_sampler if token_sampler is not None else model.default_token_sampler()
     rng = RandomStream(generator, device, replay=replay.noise if replay is not None else None,
                        record=record_noise)
@@ -191,6 +203,29 @@ def sample_tokens(model, bsz: int | None = None, labels=None, num_iter: int = 64
                                     cfg_schedule, temperature, sampler, rng, record)
     record.noise = rng.steps
     return SampleResult(tokens=model.unpatchify(tokens), record=record)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _int_tensor(values, name: str, device) -> torch.Tensor:
+    """``values`` (a tensor, array or list of integers) as int64; a float or bool entry is an error (it
+    would be truncated: 1.7 -> 1, True -> 1)."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(values)
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"{name} must be integers, got a {t.dtype} tensor")
+        return t.to(device=device, dtype=torch.int64)
+    flat = np.asarray(values, dtype=object).reshape(-1).tolist()
+    bad = [v for v in flat if not _is_int(v)]
+    if bad:
+        raise ValueError(f"{name} must be integers, got {bad[:8]!r}")
+    return torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
 
 
 def _ar_step(model, step, tokens, mask, labels, null, orders, bsz, num_iter, cfg, cfg_schedule,

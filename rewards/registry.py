@@ -58,7 +58,11 @@ def resolve_reward_class(name: str, base_dir: str | Path | None = None) -> type:
         raise RewardError(f"a reward name must be a non-empty string, got {name!r}; known: {', '.join(known_rewards())}")
     target = REWARDS.get(name, name)
     if ":" not in target:
-        raise RewardError(f"unknown reward {name!r}; known rewards: {', '.join(known_rewards())}; "
+        import difflib
+
+        close = difflib.get_close_matches(name, known_rewards(), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RewardError(f"unknown reward {name!r}{hint}; known rewards: {', '.join(known_rewards())}; "
                           f"or give 'package.module:Class' or 'path/to/file.py:Class'")
     where, _, cls_name = target.rpartition(":")
     if where.endswith(".py") or "/" in where or "\\" in where:

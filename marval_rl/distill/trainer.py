@@ -38,10 +38,25 @@ from marval_rl.training import EMA, lr_at, make_optimizer, set_lr, sync_log
 
 
 def check_section(s: DistillSection) -> None:
+    """Every problem of the distill section as one ValueError naming the key, before anything loads."""
+    from marval_rl.config import check_optim, check_values
+
+    check_values(s, "distill.")
     if not s.cfg >= 1:
         raise ValueError(f"distill.cfg must be >= 1 (MAR's guidance scale, 1 = no guidance), got {s.cfg}")
     if s.huber_r <= 0:
         raise ValueError(f"distill.huber_r must be > 0, got {s.huber_r}")
+    check_optim(s.generator_optim, "distill.generator_optim")   # steps = 0 would ship the undistilled head
+    check_optim(s.fake_optim, "distill.fake_optim", min_steps=0)
+    if s.log_every < 1:
+        raise ValueError(f"distill.log_every must be >= 1, got {s.log_every}")
+    for key in ("sample_every", "checkpoint_every"):
+        if getattr(s, key) < 0:
+            raise ValueError(f"distill.{key} must be >= 0 (0 = off), got {getattr(s, key)}")
+    if not 0 <= s.init_timestep <= 999:
+        raise ValueError(f"distill.init_timestep must be in [0, 999] (the 1000-step schedule), got {s.init_timestep}")
+    if s.mask_ratio_min is not None and not 0 < s.mask_ratio_min <= 1:
+        raise ValueError(f"distill.mask_ratio_min must be in (0, 1] or null (the teacher's), got {s.mask_ratio_min}")
     if s.huber_axis not in ("token", "sample"):
         raise ValueError(f"distill.huber_axis must be 'token' or 'sample', got {s.huber_axis!r}")
     if s.time_weight not in ("sigma", "none"):

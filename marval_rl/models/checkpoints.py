@@ -13,8 +13,9 @@ import argparse
 import json
 import os
 import pickle
+import re
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,21 +30,54 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, unsafe, or does not fit the model."""
 
 
+def _first_line(e: BaseException) -> str:
+    """``Type: first non-empty line`` of an exception (just the type when the message is empty)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _check_map_location(map_location, what) -> None:
+    """A CUDA / MPS target on a machine without one: say so (torch's own error reads like a bad file)."""
+    try:
+        kind = torch.device(map_location).type
+    except (RuntimeError, TypeError, ValueError):
+        raise CheckpointError(f"cannot load {what}: unknown device {map_location!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"cannot load {what} to {map_location}: this machine has no CUDA GPU "
+                              f"(torch.cuda.is_available() is False)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise CheckpointError(f"cannot load {what} to {map_location}: MPS is not available here")
+
+
 def torch_load_safely(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file (a marval-rl checkpoint directory "
+                              f"loads with load_pretrained; an official checkpoint is the .pth file itself)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"could not read checkpoint {path}: the file is empty (0 bytes; an interrupted "
+                              f"download or copy?)")
+    _check_map_location(map_location, path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it contains pickled objects outside the allow-list, which could "
-            f"run code when loaded. If you trust this file, re-save its state dict with plain tensors. "
-            f"(torch said: {str(e).splitlines()[0]})") from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        text = str(e)
+        forbidden = re.search(r"GLOBAL ([\w.]+)", text)
+        if forbidden:  # a real pickle naming a global outside the allow-list: loading it could run code
+            raise CheckpointError(
+                f"refusing to load {path}: it contains pickled objects outside the allow-list "
+                f"({forbidden.group(1)}), which could run code when loaded. If you trust this file, re-save its "
+                f"state dict with plain tensors.") from e
+        reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        raise CheckpointError(f"could not read checkpoint {path}: the file is truncated, corrupt or not a "
+                              f"PyTorch checkpoint ({reason.group(1).strip() if reason else _first_line(e)})") from e
+    except Exception as e:  # zip / pickle / storage errors of a damaged or foreign file
         raise CheckpointError(f"could not read checkpoint {path}: the file is truncated, corrupt or not "
-                              f"a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+                              f"a PyTorch checkpoint ({_first_line(e)})") from e
 
 
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
@@ -218,13 +252,15 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, metadata: di
 def read_pretrained_config(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     cfg_path = directory / "config.json"
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint not found: {directory}")
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} is not a marval-rl checkpoint directory (no config.json)")
     try:
         doc = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-    if "architecture" not in doc or "config" not in doc:
+    if not isinstance(doc, dict) or "architecture" not in doc or "config" not in doc:
         raise CheckpointError(f"{cfg_path} lacks 'architecture'/'config'")
     return doc
 
@@ -247,12 +283,18 @@ def load_pretrained(directory: str | os.PathLike, expected: str | None = None,
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights}")
+    _check_map_location(map_location, weights)
     try:
         sd = load_file(str(weights), device=str(map_location))
     except Exception as e:  # safetensors raises its own error types for truncated headers
-        raise CheckpointError(f"could not read {weights}: truncated or corrupt ({e})") from e
+        raise CheckpointError(f"could not read {weights}: truncated or corrupt ({_first_line(e)})") from e
+    try:
+        config = cls.config_class.from_dict(doc["config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: its config does not fit a '{arch}' "
+                              f"({_first_line(e)})") from e
     with torch.device("meta"):
-        model = cls(cls.config_class.from_dict(doc["config"]))
+        model = cls(config)
     check_state_dict(model, sd, str(weights))
     model = model.to_empty(device=map_location)
     if dtype is not None:

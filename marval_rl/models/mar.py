@@ -77,9 +77,9 @@ class MARConfig:
         """Build from an official constructor-argument dict (a ``factory`` entry selects the base)."""
         d = dict(d)
         factory = d.pop("factory", None)
-        base = FACTORIES[factory]() if factory else {}
         if factory is not None and factory not in FACTORIES:
             raise ValueError(f"unknown MAR factory {factory!r}; known: {sorted(FACTORIES)}")
+        base = FACTORIES[factory]() if factory else {}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -83,13 +83,68 @@ def make_requests(recipe: Recipe, version: int, iteration: int, num_classes: int
     return out
 
 
-def check_train_recipe(recipe: Recipe) -> None:
-    """Every problem of the train section as one ValueError naming the key, before anything loads."""
+def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
+    """Every problem of the train section as one ValueError naming the key, before anything loads.
+
+    ``class_num``: the policy's number of classes, for the range of ``train.classes`` and the length of
+    ``train.class_names``; None reads it from the checkpoint's config when that is readable (no weights
+    load). An optional package the recipe asks for (``train.wandb``) that is not installed is an
+    ImportError naming the key."""
+    from marval_rl.config import check_device, check_optim, check_values
+
     s = recipe.train
+    check_values(recipe)
+    check_device(recipe.device, here=False)     # the CLI also checks that this machine has it
     rule = resolve_update_rule(s.algorithm)
-    for key in ("num_workers", "rollouts_per_worker", "iterations", "num_iter", "worker_threads"):
+    for key in ("num_workers", "rollouts_per_worker", "iterations", "num_iter", "worker_threads", "group_size"):
         if getattr(s, key) < 1:
             raise ValueError(f"train.{key} must be >= 1, got {getattr(s, key)}")
+    for key in ("eval_per_class", "eval_every", "grid_every", "checkpoint_every"):
+        if getattr(s, key) < 0:
+            raise ValueError(f"train.{key} must be >= 0 (0 = off), got {getattr(s, key)}")
+    check_optim(s.optim, "train.optim", min_steps=0)
+    if not s.rewards:
+        raise ValueError("train.rewards is empty: name at least one reward to optimise")
+    from marval_rl.data.prompts import TEMPLATES
+
+    if s.prompt_template not in TEMPLATES:
+        try:
+            ok = s.prompt_template.count("{}") == 1 and bool(s.prompt_template.format("x"))
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"train.prompt_template must be one of {sorted(TEMPLATES)} or a format string with "
+                             f"exactly one '{{}}' (the class name), got {s.prompt_template!r}")
+    bad_names = [n for n in s.class_names if not isinstance(n, str) or not n]
+    if bad_names:
+        raise ValueError(f"train.class_names must be non-empty strings, got {bad_names[:5]}")
+    if not 0 <= s.dashboard_port <= 65535:
+        raise ValueError(f"train.dashboard_port must be a TCP port in [0, 65535] (0 = any free port), "
+                         f"got {s.dashboard_port}")
+    if s.wandb not in ("off", "offline", "online"):
+        raise ValueError(f"train.wandb must be off, offline or online, got {s.wandb!r}")
+    if s.wandb != "off":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ImportError(f"train.wandb={s.wandb} needs wandb, which is not installed: "
+                              f"pip install 'marval-rl[wandb]'", name="wandb")
+    if class_num is None:
+        from marval_rl.loading import generator_config
+        from marval_rl.models.checkpoints import CheckpointError
+
+        try:
+            class_num = generator_config(recipe.model)[1].class_num
+        except (RecipeError, CheckpointError, ValueError, OSError):
+            class_num = None    # the loader reports a bad checkpoint with its own message
+    if class_num is not None:
+        out_of_range = [c for c in s.classes if not 0 <= c < class_num]
+        if out_of_range:
+            raise ValueError(f"train.classes must be class ids in [0, {class_num}) (the policy's class_num), "
+                             f"got {out_of_range}")
+        if s.class_names and len(s.class_names) != class_num:
+            raise ValueError(f"train.class_names has {len(s.class_names)} names for a {class_num}-class policy "
+                             f"(one name per class id, in order)")
     for key in ("reg_weight", "kl_weight", "clip_range", "adv_clip", "reward_norm_momentum"):
         v = float(getattr(s, key))
         if not math.isfinite(v) or v < 0:
@@ -101,7 +156,8 @@ def check_train_recipe(recipe: Recipe) -> None:
                          f"got {s.grad_last_k}")
     if s.ppo_epochs < 1:
         raise ValueError(f"train.ppo_epochs must be >= 1, got {s.ppo_epochs}")
-    bad_steps = [k for k in s.explore_steps if not (isinstance(k, int) and 0 <= k < s.num_iter)]
+    bad_steps = [k for k in s.explore_steps
+                 if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k < s.num_iter)]
     if bad_steps:
         raise ValueError(f"train.explore_steps must be AR step indices in [0, {s.num_iter}), got {bad_steps}")
     std = explore_std(s)
@@ -198,7 +254,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     if use_ray:
         from marval_rl.rl.ray_executor import RayExecutor
 
-        executor = RayExecutor(spec, s.num_workers, s)
+        executor = RayExecutor(spec, s.num_workers, s, job_name=f"marval-rl train: {out.resolve().name}")
     else:
         executor = LocalExecutor(spec, s.num_workers)
     judge = FixedEval(recipe, rewards, class_num, recipe.device) if s.eval_per_class and rank == 0 else None

@@ -397,6 +397,20 @@ class RayExecutor:
         self.names[i] = name
         return handle
 
+    @staticmethod
+    def _why(err: BaseException) -> str:
+        """One line for an actor's death: for a constructor that raised, the worker's own exception
+        (``CheckpointError: could not read ...``) without the remote traceback; else Ray's text, joined."""
+        import re
+
+        lines = [x.rstrip() for x in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if x.strip()]
+        for i in range(len(lines) - 1, 0, -1):
+            m = re.match(r"([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\w*): (.*)", lines[i])
+            if m:
+                rest = " ".join(x.strip() for x in lines[i + 1:])
+                return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}" + (f" {rest}" if rest else "")
+        return " ".join(x.strip() for x in lines) or type(err).__name__
+
     def _wait_ready(self, slots: list[int]) -> None:
         """Block until the actors in ``slots`` have built their worker (model, VAE, rewards)."""
         refs = [self.workers[i].pid.remote() for i in slots]
@@ -408,7 +422,7 @@ class RayExecutor:
                 f"{self.section.worker_threads} CPU(s) and the cluster has {ray.available_resources().get('CPU', 0)} "
                 f"free (lower train.num_workers / train.worker_threads)") from None
         except _WORKER_DIED as err:
-            raise RuntimeError(f"a rollout worker failed to start: {err}{_JOIN_HINT}") from err
+            raise RuntimeError(f"a rollout worker failed to start: {self._why(err)}{_JOIN_HINT}") from err
 
     def _replace(self, i: int, reason: BaseException, restore) -> None:
         """A new actor for worker id ``i`` (the old one died). ``restore`` = (weights ObjectRef, version)
@@ -451,11 +465,11 @@ class RayExecutor:
             except _WORKER_DIED as err:
                 slot = jobs[j][0]
                 if getattr(err, "actor_init_failed", False):
-                    raise RuntimeError(f"rollout worker {slot} could not be built: {err}") from err
+                    raise RuntimeError(f"rollout worker {slot} could not be built: {self._why(err)}") from err
                 attempts[j] += 1
                 if attempts[j] > self.max_retries:
                     raise RuntimeError(f"rollout worker {slot} died {attempts[j]} times on the same call; "
-                                       f"giving up (last error: {err})") from err
+                                       f"giving up (last error: {self._why(err)})") from err
                 if self.workers[slot] is handle:  # first failure seen from this actor: replace it
                     self._replace(slot, err, restore)
                 # (its other queued calls fail the same way and land here too, then go to the new actor)
