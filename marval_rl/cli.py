@@ -35,7 +35,39 @@ def cmd_validate(args) -> int:
             problems.append(f"{name}.checkpoint: {e}")
     for line in problems:
         print(f"warning: {line}", file=sys.stderr)
+    validate_sections(recipe)
     return 0
+
+
+def validate_sections(recipe) -> None:
+    """What `validate` checks beyond the schema: every section as its command would check it before
+    loading (fixed-value fields against their allowed values, the update rule, reward names and files,
+    ranges). A device is checked for its name, not for being present here (GPU recipes validate on a
+    laptop)."""
+    from marval_rl.distill.trainer import check_section
+    from marval_rl.pretrain.common import check_pretrain_recipe
+    from marval_rl.rl.controller import check_train_recipe
+
+    if recipe.train.rewards:                     # a recipe for `train`
+        check_train_recipe(recipe)
+    named = [(k, v) for k, v in (("sample.labels", recipe.sample.labels), ("evaluate.classes", recipe.evaluate.classes))
+             if any(isinstance(c, str) for c in v)]
+    if named:                                    # class names, checked against the model's classes
+        from marval_rl.data.prompts import class_ids_from
+        from marval_rl.loading import generator_config
+        from marval_rl.rl.rollout import class_names_for
+
+        names = class_names_for(generator_config(recipe.model)[1].class_num)
+        for key, values in named:
+            try:
+                class_ids_from(values, names, key)
+            except ValueError as e:
+                raise RecipeError(str(e)) from e
+    check_section(recipe.distill)
+    check_pretrain_recipe(recipe, files=False)
+    d = recipe.data
+    if d.source != "emoji" and d.root and not Path(d.root).exists():
+        print(f"warning: data.root: {d.root} does not exist", file=sys.stderr)
 
 
 def cmd_sample(args) -> int:
@@ -223,6 +255,14 @@ def check_generator_inputs(recipe, command: str):
             raise RecipeError(f"sample.head_steps must be >= 1 (diffusion-head steps; null = the model's "
                               f"{cfg.num_sampling_steps}), got {s.head_steps}")
     key, classes = ("sample.labels", s.labels) if command == "sample" else ("evaluate.classes", recipe.evaluate.classes)
+    if any(isinstance(c, str) for c in classes):   # class names ("lion") -> ids
+        from marval_rl.data.prompts import class_ids_from
+        from marval_rl.rl.rollout import class_names_for
+
+        try:
+            classes[:] = class_ids_from(classes, class_names_for(cfg.class_num), key)
+        except ValueError as e:
+            raise RecipeError(str(e)) from e
     bad = [c for c in classes if not 0 <= c < cfg.class_num]
     if bad:
         raise RecipeError(f"{key}: labels must lie in [0, {cfg.class_num}) (the model's class_num), got {bad}")

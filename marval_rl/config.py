@@ -373,6 +373,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), schem
 # Lists of class ids (and AR step indices): integers only. A float would be truncated (1.7 -> class 1) and
 # a bool taken as a class (True -> 1).
 INT_LIST_KEYS = ("sample.labels", "train.classes", "evaluate.classes", "data.classes", "train.explore_steps")
+CLASS_LIST_KEYS = ("sample.labels", "train.classes", "evaluate.classes")   # ids or names (class_ids_from)
 
 
 def _is_int(v) -> bool:
@@ -400,9 +401,12 @@ def check_values(node, prefix: str = "") -> None:
             raise RecipeError(f"recipe key '{key}' must be in [0, 2**63), got {v}")
         elif isinstance(v, list):
             if key in INT_LIST_KEYS:
-                bad = [x for x in v if not _is_int(x)]
+                # class lists may name classes ("lion"); their readers turn names into ids
+                named_ok = key in CLASS_LIST_KEYS
+                bad = [x for x in v if not (_is_int(x) or (named_ok and isinstance(x, str) and x.strip()))]
                 if bad:
-                    raise RecipeError(f"recipe key '{key}' must list integers, got {bad!r} in {v!r}")
+                    what = "class ids or class names" if named_ok else "integers"
+                    raise RecipeError(f"recipe key '{key}' must list {what}, got {bad!r} in {v!r}")
             if f.name == "betas" and not (len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)):
                 raise RecipeError(f"recipe key '{key}' must be two numbers in [0, 1) (Adam's beta1, beta2), got {v!r}")
             for i, x in enumerate(v):

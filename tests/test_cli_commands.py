@@ -60,3 +60,35 @@ def test_download_command_lists_and_refuses_unknown_names(capsys):
     assert main(["download", "no_such_weights"]) == 2            # one line naming the known names
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_weights" in err[0] and "mar_base" in err[0]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.algorithm=ppo", "train.algorithm"),          # validate used to accept any algorithm string
+    ("device=gpu", "device"),                            # ... any device string
+    ("train.wandb=on", "train.wandb"),                   # ... and YAML's boolean `on` as a wandb mode
+    ("train.rewards=[{name: nope}]", "train.rewards"),   # reward names resolved at validate time
+    ("train.gold=[{name: /no/such.py:X}]", "/no/such.py"),  # and reward files
+    ("sample.labels=[lio]", "lion"),                     # class names: an unknown one names the closest
+])
+def test_validate_is_strict(override, named, capsys):
+    assert main(["validate", "quickstart", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and named in err[0], err
+
+
+def test_class_names_where_class_ids_are(tmp_path, capsys):
+    # `sample.labels=[lion]` used to be a raw int() error; names and ids mix
+    assert main(["sample", "quickstart_student", "sample.labels=[lion, Tiger, 5]", "sample.num_iter=2",
+                 f"output_dir={tmp_path}"]) == 0
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        "00000_class0.png", "00001_class1.png", "00002_class5.png"]
+
+
+def test_every_shipped_recipe_validates(capsys):
+    from marval_rl.config import shipped_recipes
+
+    for name in shipped_recipes():
+        assert main(["validate", name]) == 0, (name, capsys.readouterr().err)

@@ -77,3 +77,29 @@ def class_prompts(class_ids: Iterable[int] | torch.Tensor, names: Sequence[str],
     """One prompt per class id, e.g. ``class_prompts(labels, emoji.class_names(), "paper")``."""
     ids = class_ids.tolist() if isinstance(class_ids, torch.Tensor) else list(class_ids)
     return [prompt(names[int(i)], template) for i in ids]
+
+
+def class_ids_from(values: Sequence, names: Sequence[str], key: str) -> list[int]:
+    """A recipe's class list as ids: ints stay, class names (``"lion"``, case and spaces ignored) become
+    their index in ``names``; an unknown name is a ValueError naming ``key`` and the closest names."""
+    import difflib
+
+    norm = lambda n: " ".join(str(n).lower().replace("_", " ").split())  # noqa: E731
+    index: dict[str, int] = {}
+    for i, n in enumerate(names):
+        index.setdefault(norm(n), i)
+    out, unknown = [], []
+    for v in values:
+        if isinstance(v, str):
+            if norm(v) in index:
+                out.append(index[norm(v)])
+            else:
+                unknown.append(v)
+        else:
+            out.append(int(v))
+    if unknown:
+        close = difflib.get_close_matches(norm(unknown[0]), list(index), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"{key}: unknown class name(s) {unknown}{hint}; give class ids or names of the "
+                         f"{len(names)} classes")
+    return out

@@ -18,7 +18,7 @@ from marval_rl.training import (EMA, batch_indices, load_training_state, lr_at, 
 STAGES = ("vae", "mar", "classifier", "clip")
 
 
-def check_data_section(d, key: str = "data") -> None:
+def check_data_section(d, key: str = "data", files: bool = True) -> None:
     """The ``data:`` section, before any image is rendered or read; RecipeError naming the key."""
     from marval_rl.config import RecipeError
 
@@ -45,13 +45,14 @@ def check_data_section(d, key: str = "data") -> None:
         if root is None:
             raise RecipeError(f"{key}.source={d.source} needs {key}.root (the {want})")
         ok = root.is_dir() if d.source == "imagefolder" else root.is_file()
-        if not ok:
+        if files and not ok:   # (files=False: `validate` of a recipe for another machine only warns)
             raise RecipeError(f"{key}.root={d.root}: {'no such folder' if d.source == 'imagefolder' else 'no such file'} "
                               f"(the {want})")
 
 
-def check_pretrain_recipe(recipe) -> None:
-    """Everything ``marval-rl pretrain`` can check before it renders data or builds a model."""
+def check_pretrain_recipe(recipe, files: bool = True) -> None:
+    """Everything ``marval-rl pretrain`` can check before it renders data or builds a model (``files``:
+    also that the data files exist)."""
     from marval_rl.config import RecipeError, check_optim
 
     p = recipe.pretrain
@@ -63,7 +64,7 @@ def check_pretrain_recipe(recipe) -> None:
     for name in ("sample_every", "checkpoint_every"):
         if getattr(p, name) < 0:
             raise RecipeError(f"pretrain.{name} must be >= 0 (0 = off), got {getattr(p, name)}")
-    check_data_section(recipe.data)
+    check_data_section(recipe.data, files=files)
     for stage in p.stages:
         check_optim(getattr(p, stage).optim, f"pretrain.{stage}.optim")
     if "vae" in p.stages:

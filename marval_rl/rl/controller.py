@@ -96,6 +96,14 @@ def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
     check_values(recipe)
     check_device(recipe.device, here=False)     # the CLI also checks that this machine has it
     rule = resolve_update_rule(s.algorithm)
+    from marval_rl.rewards import resolve_reward_class
+
+    for key, specs in (("train.rewards", s.rewards), ("train.gold", s.gold)):   # names and files, before loading
+        for spec in specs:
+            try:
+                resolve_reward_class(spec.name)
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from e
     for key in ("num_workers", "rollouts_per_worker", "iterations", "num_iter", "worker_threads", "group_size"):
         if getattr(s, key) < 1:
             raise ValueError(f"train.{key} must be >= 1, got {getattr(s, key)}")
@@ -121,8 +129,11 @@ def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
     if not 0 <= s.dashboard_port <= 65535:
         raise ValueError(f"train.dashboard_port must be a TCP port in [0, 65535] (0 = any free port), "
                          f"got {s.dashboard_port}")
+    if s.wandb == "False":   # YAML reads an unquoted `off` (or no/false) as a boolean: that means off
+        s.wandb = "off"
     if s.wandb not in ("off", "offline", "online"):
-        raise ValueError(f"train.wandb must be off, offline or online, got {s.wandb!r}")
+        quote = " (YAML reads on/yes/true as a boolean; say offline or online)" if s.wandb == "True" else ""
+        raise ValueError(f"train.wandb must be off, offline or online, got {s.wandb!r}{quote}")
     if s.wandb != "off":
         import importlib.util
 
@@ -138,6 +149,11 @@ def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
         except (RecipeError, CheckpointError, ValueError, OSError):
             class_num = None    # the loader reports a bad checkpoint with its own message
     if class_num is not None:
+        if any(isinstance(c, str) for c in s.classes):   # names ("lion") -> ids, once, for everyone downstream
+            from marval_rl.data.prompts import class_ids_from
+            from marval_rl.rl.rollout import class_names_for
+
+            s.classes = class_ids_from(s.classes, list(s.class_names) or class_names_for(class_num), "train.classes")
         out_of_range = [c for c in s.classes if not 0 <= c < class_num]
         if out_of_range:
             raise ValueError(f"train.classes must be class ids in [0, {class_num}) (the policy's class_num), "
