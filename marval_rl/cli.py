@@ -57,7 +57,12 @@ def validate_sections(recipe) -> None:
         from marval_rl.loading import generator_config
         from marval_rl.rl.rollout import class_names_for
 
-        names = class_names_for(generator_config(recipe.model)[1].class_num)
+        class_num = generator_config(recipe.model)[1].class_num
+        try:
+            names = class_names_for(class_num)
+        except ValueError:
+            raise RecipeError(f"{named[0][0]}: class names need a model of the 56 emoji or 1000 ImageNet classes; "
+                              f"this one has {class_num}: give class ids") from None
         for key, values in named:
             try:
                 class_ids_from(values, names, key)
@@ -260,7 +265,12 @@ def check_generator_inputs(recipe, command: str):
         from marval_rl.rl.rollout import class_names_for
 
         try:
-            classes[:] = class_ids_from(classes, class_names_for(cfg.class_num), key)
+            names = class_names_for(cfg.class_num)
+        except ValueError:
+            raise RecipeError(f"{key}: class names {[c for c in classes if isinstance(c, str)]} need a model of the "
+                              f"56 emoji or 1000 ImageNet classes; this one has {cfg.class_num}: give class ids") from None
+        try:
+            classes[:] = class_ids_from(classes, names, key)
         except ValueError as e:
             raise RecipeError(str(e)) from e
     bad = [c for c in classes if not 0 <= c < cfg.class_num]

@@ -104,19 +104,14 @@ def _load_mar_safetensors(path: Path, config: dict, ema: bool, device):
 
     from safetensors.torch import load_file
 
-    from marval_rl.models.checkpoints import check_state_dict
+    from marval_rl.models.checkpoints import build_and_load
     from marval_rl.models.mar import MAR
 
     if ema:
         warnings.warn(f"{path} holds one state dict, not the official file's 'model_ema' (the hub's conversions "
                       f"are reported to be the non-EMA weights; docs/weights.md); model.ema is ignored", stacklevel=2)
     sd = load_file(str(path), device="cpu")
-    with torch.device("meta"):
-        model = MAR(config)
-    check_state_dict(model, sd, str(path))
-    model = model.to_empty(device=device)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return build_and_load(lambda: MAR(config), sd, str(path), device)
 
 
 def load_generator(section: ModelSection, device: str | torch.device = "cpu", expected: str | None = None):

@@ -16,6 +16,21 @@ def tiny_constructor() -> dict:
     return json.loads((TINY_MAR / "config.json").read_text())["constructor"]
 
 
+def make_tiny_policy_dirs(root: Path) -> Path:
+    """``root/student`` (MARVAL from the tiny MAR), ``root/teacher`` and ``root/vae`` (a random 64 px KL VAE,
+    seed 0): the smallest real pipeline, for RL, Ray and bad-input tests."""
+    from marval_rl.models import AutoencoderKL, VAEConfig, load_official_mar, save_pretrained
+    from marval_rl.models.one_step import MARVAL
+
+    teacher = load_official_mar(TINY_MAR / "checkpoint.pth", tiny_constructor())
+    save_pretrained(MARVAL.from_teacher(teacher), root / "student")
+    save_pretrained(teacher, root / "teacher")
+    torch.manual_seed(0)
+    save_pretrained(AutoencoderKL(VAEConfig(ch=16, ch_mult=(1, 1, 1, 1, 1), num_groups=8, attn_resolutions=(),
+                                            resolution=64)), root / "vae")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_mar():
     """The reference tiny MAR (official checkpoint format, 'model_ema' weights), eval mode."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_MAR, tiny_constructor
+from conftest import TINY_MAR, make_tiny_policy_dirs, tiny_constructor
 from marval_rl.cli import main
 from marval_rl.config import recipe_to_yaml, load_recipe
 
@@ -32,16 +32,7 @@ NO_SYS = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs 
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory):
     """Tiny student / teacher / VAE directories, broken checkpoint files and recipes of every command."""
-    from marval_rl.models import AutoencoderKL, VAEConfig, load_official_mar, save_pretrained
-    from marval_rl.models.one_step import MARVAL
-
-    root = tmp_path_factory.mktemp("bad")
-    teacher = load_official_mar(TINY_MAR / "checkpoint.pth", tiny_constructor())
-    save_pretrained(MARVAL.from_teacher(teacher), root / "student")
-    save_pretrained(teacher, root / "teacher")
-    torch.manual_seed(0)
-    save_pretrained(AutoencoderKL(VAEConfig(ch=16, ch_mult=(1, 1, 1, 1, 1), num_groups=8, attn_resolutions=(),
-                                            resolution=64)), root / "vae")
+    root = make_tiny_policy_dirs(tmp_path_factory.mktemp("bad"))
     (root / "empty.pth").write_bytes(b"")
     (root / "garbage.pth").write_bytes(bytes(range(256)) * 8)
     data = (TINY_MAR / "checkpoint.pth").read_bytes()

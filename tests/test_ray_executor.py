@@ -28,17 +28,9 @@ NAMES = ["tench", "goldfish", "shark", "tiger shark", "hammerhead", "ray", "cock
 
 @pytest.fixture(scope="module")
 def policy_dirs(tmp_path_factory):
-    from marval_rl.models import AutoencoderKL, VAEConfig, load_official_mar, save_pretrained
-    from marval_rl.models.one_step import MARVAL
+    from conftest import make_tiny_policy_dirs
 
-    tmp = tmp_path_factory.mktemp("ray_policy")
-    cfg = json.loads((FIXTURES / "tiny_mar" / "config.json").read_text())["constructor"]
-    teacher = load_official_mar(FIXTURES / "tiny_mar" / "checkpoint.pth", cfg)
-    torch.manual_seed(0)
-    save_pretrained(MARVAL.from_teacher(teacher), tmp / "student")
-    save_pretrained(AutoencoderKL(VAEConfig(ch=16, ch_mult=(1, 1, 1, 1, 1), num_groups=8, attn_resolutions=(),
-                                            resolution=64)), tmp / "vae")
-    return tmp
+    return make_tiny_policy_dirs(tmp_path_factory.mktemp("ray_policy"))
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_MAR, tiny_constructor
+from conftest import make_tiny_policy_dirs
 from marval_rl.config import load_recipe
-from marval_rl.models import AutoencoderKL, VAEConfig, load_official_mar, save_pretrained
-from marval_rl.models.one_step import MARVAL
 from marval_rl.rl.controller import run_training
 from marval_rl.rl.update_rules import group_advantages
 
@@ -19,14 +17,7 @@ NAMES = "[tench,goldfish,great white shark,tiger shark,hammerhead,electric ray,s
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl")
-    teacher = load_official_mar(TINY_MAR / "checkpoint.pth", tiny_constructor())
-    save_pretrained(MARVAL.from_teacher(teacher), root / "student")
-    save_pretrained(teacher, root / "teacher")
-    torch.manual_seed(0)
-    save_pretrained(AutoencoderKL(VAEConfig(ch=16, ch_mult=(1, 1, 1, 1, 1), num_groups=8, attn_resolutions=(),
-                                            resolution=64)), root / "vae")
-    return root
+    return make_tiny_policy_dirs(tmp_path_factory.mktemp("rl"))
 
 
 def recipe(setup, out, *extra, reward="Brightness"):

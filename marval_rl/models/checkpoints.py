@@ -109,6 +109,21 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     return model
 
 
+def build_and_load(build: Callable[[], nn.Module], state_dict: dict, source: str,
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """``build()`` on the meta device (no random init: MAR-H loads without one), the state dict checked
+    against it before anything is copied (one error listing every mismatch), then materialised on
+    ``device`` and loaded strictly. Returns the model in eval mode."""
+    with torch.device("meta"):
+        model = build()
+    check_state_dict(model, state_dict, source)
+    model = model.to_empty(device=device)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
 # --------------------------------------------------------------------------- official files
 def load_official_mar(checkpoint_path: str | os.PathLike, config, ema: bool = True,
                       map_location: str | torch.device = "cpu"):
@@ -126,12 +141,7 @@ def load_official_mar(checkpoint_path: str | os.PathLike, config, ema: bool = Tr
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{checkpoint_path} has no '{entry}' entry (found {keys}); "
                               f"is it an official MAR checkpoint?")
-    with torch.device("meta"):
-        model = MAR(config)
-    check_state_dict(model, ckpt[entry], f"{checkpoint_path}['{entry}']")
-    model = model.to_empty(device=map_location)
-    model.load_state_dict(ckpt[entry], strict=True)
-    return model.eval()
+    return build_and_load(lambda: MAR(config), ckpt[entry], f"{checkpoint_path}['{entry}']", map_location)
 
 
 def load_official_vae(checkpoint_path: str | os.PathLike, config=None,
@@ -152,12 +162,7 @@ def load_official_vae(checkpoint_path: str | os.PathLike, config=None,
         config = kl16_config()
     elif isinstance(config, dict):
         config = VAEConfig.from_dict(config)
-    with torch.device("meta"):
-        model = AutoencoderKL(config)
-    check_state_dict(model, sd, str(checkpoint_path))
-    model = model.to_empty(device=map_location)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return build_and_load(lambda: AutoencoderKL(config), sd, str(checkpoint_path), map_location)
 
 
 # --------------------------------------------------------------------------- our own format
@@ -293,11 +298,4 @@ def load_pretrained(directory: str | os.PathLike, expected: str | None = None,
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{directory / 'config.json'}: its config does not fit a '{arch}' "
                               f"({_first_line(e)})") from e
-    with torch.device("meta"):
-        model = cls(config)
-    check_state_dict(model, sd, str(weights))
-    model = model.to_empty(device=map_location)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return build_and_load(lambda: cls(config), sd, str(weights), map_location, dtype)
