@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from marval_rl.config import RecipeError, check_device, load_recipe, recipe_to_yaml
 from marval_rl.models.checkpoints import CheckpointError
-from marval_rl.run_record import resume_source, write_run_record
+from marval_rl.run_record import check_foreign_run, resume_source, write_run_record
 
 
 def cmd_validate(args) -> int:
@@ -70,6 +70,16 @@ def validate_sections(recipe) -> None:
                 raise RecipeError(str(e)) from e
     check_section(recipe.distill)
     check_pretrain_recipe(recipe, files=False)
+    from marval_rl.hub import HubError, resolve
+
+    try:
+        here = bool(recipe.model.checkpoint) and Path(resolve(recipe.model.checkpoint)).exists()
+    except HubError:
+        here = False
+    if here:   # the sample / evaluate sections against the model, as those commands check them
+        check_generator_inputs(recipe, "sample", device_here=False)
+        if recipe.vae.checkpoint:
+            check_generator_inputs(recipe, "evaluate", device_here=False)
     d = recipe.data
     if d.source != "emoji" and d.root and not Path(d.root).exists():
         print(f"warning: data.root: {d.root} does not exist", file=sys.stderr)
@@ -82,6 +92,7 @@ def cmd_sample(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = check_output_dir(recipe.output_dir)
+    check_foreign_run(out, "sample")          # a train/distill run's folder keeps its own record
     check_generator_inputs(recipe, "sample")
     s, device = recipe.sample, torch.device(recipe.device)
     model = load_generator(recipe.model, device)
@@ -104,8 +115,12 @@ def cmd_sample(args) -> int:
                 images.append(((vae.decode_tokens(res.tokens) + 1) / 2).clamp(0, 1).cpu())
     seconds = time.perf_counter() - t0
     summary = {"num_images": len(labels), "seconds": round(seconds, 2), "output_dir": str(out)}
+    lat = torch.cat(latents)
+    if not torch.isfinite(lat).all():   # NaN weights sample NaN tokens: say so instead of black PNGs
+        raise CheckpointError(f"model.checkpoint {recipe.model.checkpoint}: sampling gave non-finite tokens "
+                              f"({(~torch.isfinite(lat)).float().mean().item():.0%} of values); are its weights NaN?")
     out.mkdir(parents=True, exist_ok=True)     # only now: a failed sampling leaves no folder behind
-    torch.save({"latents": torch.cat(latents), "labels": torch.tensor(labels)}, out / "latents.pt")
+    torch.save({"latents": lat, "labels": torch.tensor(labels)}, out / "latents.pt")
     write_run_record(out, recipe, "sample")
     if images:
         imgs = torch.cat(images)
@@ -229,13 +244,13 @@ def _num_tokens(cfg) -> int:
     return (cfg.img_size // (cfg.vae_stride * cfg.patch_size)) ** 2
 
 
-def check_generator_inputs(recipe, command: str):
+def check_generator_inputs(recipe, command: str, device_here: bool = True):
     """What ``sample`` / ``evaluate`` can check before loading weights: the device, the checkpoints (their
     configs), the sample section against the model (token count, class count, head) and, for evaluate,
     the evaluate section. Returns the model's (architecture, MARConfig)."""
     from marval_rl.loading import check_vae_section, generator_config
 
-    check_device(recipe.device)
+    check_device(recipe.device, here=device_here)
     arch, cfg = generator_config(recipe.model)
     check_vae_section(recipe.vae)
     s, L = recipe.sample, _num_tokens(cfg)
@@ -418,13 +433,21 @@ def cmd_download(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``error: ...``, exit 2) like every other mistake."""
+
+    def error(self, message):
+        message = message.replace("recipe, overrides", "recipe")   # the overrides are optional
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from marval_rl.run_record import version
 
-    p = argparse.ArgumentParser(prog="marval-rl", description=__doc__, epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="marval-rl", description=__doc__, epilog=EXAMPLES,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"marval-rl {version()}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, fn, helptext in (("validate", cmd_validate, "print the resolved recipe"),
                                ("sample", cmd_sample, "sample images from the recipe's generator"),
                                ("pretrain", cmd_pretrain, "train the VAE / MAR teacher / evaluators"),

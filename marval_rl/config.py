@@ -443,6 +443,8 @@ def check_device(device: str, key: str = "device", here: bool = True) -> None:
         raise RecipeError(f"{key}: unknown device {device!r}; use cpu, cuda, cuda:N or mps")
     if not here:
         return
+    if d.type == "cpu" and d.index not in (None, 0):
+        raise RecipeError(f"{key}={device}: the CPU has no device index; use {key}=cpu")
     if d.type == "cuda":
         if not torch.cuda.is_available():
             raise RecipeError(f"{key}={device} but this machine has no CUDA GPU (torch.cuda.is_available() is "

@@ -95,12 +95,17 @@ def resume_source(path: str | Path, command: str) -> Path:
 
 def check_resume(out: Path, recipe, command: str, state: Path | None = None) -> str:
     """'fresh' | 'resume'. Raises RecipeError when ``out`` (or the folder of ``state``, from ``--resume``)
-    holds another recipe's run."""
+    holds another recipe's run, or a run of another command."""
+    check_foreign_run(out, command)
     state = state if state is not None else has_state(out, command)
     if state is None:
         return "fresh"
+    explicit = state is not None and state != has_state(out, command)
     out = state.parent
     stored = out / RECIPE_FILE
+    if not stored.is_file() and explicit:   # --resume PATH: the user named this state
+        print(f"[{command}] note: {state} has no {RECIPE_FILE} beside it; resuming it without a recipe check")
+        return "resume"
     if not stored.is_file():
         raise RecipeError(f"{out} holds a training state ({state.name}) but no {RECIPE_FILE}, so it cannot be "
                           f"checked against this recipe; pass --overwrite to start afresh or --resume {state} "
@@ -115,9 +120,33 @@ def check_resume(out: Path, recipe, command: str, state: Path | None = None) -> 
     return "resume"
 
 
+def recorded_command(out: Path) -> str | None:
+    """The command whose run record (``run.json``) ``out`` holds, or None."""
+    try:
+        return json.loads((Path(out) / RUN_FILE).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_foreign_run(out: Path, command: str) -> None:
+    """``out`` holds a run of another command (a `train` folder given to `sample`): refuse, so that
+    neither run's record is overwritten nor its files mixed."""
+    other = recorded_command(out)
+    if other is not None and other != command:
+        raise RecipeError(f"output_dir {out} holds a `marval-rl {other}` run (its {RUN_FILE}); give `{command}` "
+                          f"another output_dir")
+
+
 def overwrite(out: Path, command: str) -> list[Path]:
-    """Remove what a previous run of ``command`` wrote to ``out`` (only the files it writes)."""
+    """Remove what a previous run of ``command`` wrote to ``out`` (only the files it writes), and only
+    when ``out`` holds that command's run record: a user's folder that happens to hold an ``eval/`` is
+    never touched."""
     states, others = OUTPUTS.get(command, ([], []))
+    if not any((out / n).exists() for n in [*states, *others, RECIPE_FILE, RUN_FILE]):
+        return []
+    if recorded_command(out) != command:
+        raise RecipeError(f"--overwrite: {out} holds no `marval-rl {command}` run record ({RUN_FILE}), so it is not "
+                          f"clear which files are a run's; remove them yourself or use another output_dir")
     removed = []
     for name in [*states, *others, RECIPE_FILE, RUN_FILE]:
         p = out / name

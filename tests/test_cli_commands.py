@@ -92,3 +92,49 @@ def test_every_shipped_recipe_validates(capsys):
 
     for name in shipped_recipes():
         assert main(["validate", name]) == 0, (name, capsys.readouterr().err)
+
+
+def test_findings_of_the_second_probe(setup, tmp_path, capsys):  # noqa: F811
+    """Each line is a defect an independent probe found after the first round of fixes."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    # --overwrite into a user's folder that merely holds an `eval/`: refused, nothing deleted (data loss)
+    user = tmp_path / "proj"
+    (user / "eval").mkdir(parents=True)
+    (user / "eval" / "my_script.py").write_text("print(1)")
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_to_yaml(recipe(setup, user, "train.iterations=1")))
+    assert main(["train", str(path), "--no-ray", "--overwrite"]) == 2
+    assert (user / "eval" / "my_script.py").is_file() and "run record" in capsys.readouterr().err
+    # `sample` into a train run's folder would overwrite that run's record: refused
+    run = tmp_path / "run"
+    path.write_text(recipe_to_yaml(recipe(setup, run, "train.iterations=1")))
+    assert main(["train", str(path), "--no-ray"]) == 0
+    assert main(["sample", str(path), "sample.num_iter=2", "sample.labels=[0]"]) == 2
+    assert "holds a `marval-rl train` run" in capsys.readouterr().err
+    # NaN weights: refused at load, naming the file (sample exited 0 with black images; evaluate segfaulted)
+    nan = tmp_path / "nan_student"
+    import shutil
+    shutil.copytree(setup / "student", nan)
+    sd = load_file(str(nan / "model.safetensors"))
+    sd[next(iter(sd))] = torch.full_like(sd[next(iter(sd))], float("nan"))
+    save_file(sd, str(nan / "model.safetensors"))
+    assert main(["sample", str(path), f"model.checkpoint={nan}", f"output_dir={tmp_path / 's'}",
+                 "sample.num_iter=2", "sample.labels=[0]"]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "model.safetensors" in err and not (tmp_path / "s").exists()
+    # an unreachable cluster: one line at once (Ray retried for minutes, naming another address)
+    assert main(["train", str(path), f"output_dir={tmp_path / 'z'}", "train.ray_address=127.0.0.1:1"]) == 2
+    assert "train.ray_address=127.0.0.1:1" in capsys.readouterr().err
+    # `report` of a folder whose log is garbage: no traceback
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "metrics.jsonl").write_bytes(bytes(range(256)))
+    assert main(["report", str(junk)]) == 0
+    # a usage mistake is one line too
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--bogus"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -117,6 +117,9 @@ def build_and_load(build: Callable[[], nn.Module], state_dict: dict, source: str
     with torch.device("meta"):
         model = build()
     check_state_dict(model, state_dict, source)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:   # NaN weights sample NaN images, or crash a linear-algebra kernel downstream
+        raise CheckpointError(f"{source} holds non-finite (NaN/Inf) weights in {len(bad)} tensor(s), e.g. {bad[0]}")
     model = model.to_empty(device=device)
     if dtype is not None:
         model = model.to(dtype)

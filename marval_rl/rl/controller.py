@@ -274,6 +274,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     else:
         executor = LocalExecutor(spec, s.num_workers)
     judge = FixedEval(recipe, rewards, class_num, recipe.device) if s.eval_per_class and rank == 0 else None
+    created = rank == 0 and not out.exists()
     if rank == 0:  # only now, with everything loaded and started: a failing start leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
         write_run_record(out, recipe, "train")
@@ -343,6 +344,13 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
             executor.set_weights(trainer.weights(averaged=True))
             last = judge.run(executor, trainer.version, end)
             logger.eval_point(last, judge.class_ids)
+    except BaseException:
+        # a run that fails before its first checkpoint (a NaN reward at iteration 1) leaves no folder it made
+        if created and not state_path.is_file():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         executor.shutdown()
     if rank != 0:

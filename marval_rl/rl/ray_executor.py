@@ -144,6 +144,7 @@ def init_ray(section: TrainSection, num_cpus: int, job_name: str | None = None) 
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=private_working_dir(),
                  job_config=JobConfig(metadata={"job_name": job_name} if job_name else {}))
     if section.ray_address:
+        _check_reachable(section.ray_address)
         _token_auth_for_join(section.ray_address)
         try:
             ctx = ray.init(address=section.ray_address, **quiet)
@@ -261,6 +262,20 @@ def _private_token_file() -> None:
             os.chmod(path, 0o600)
     except OSError:
         pass
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` cluster address must accept a TCP connection; Ray itself retries an unreachable
+    GCS for minutes, printing warnings about another address."""
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"train.ray_address={address}: no Ray cluster answers there ({type(e).__name__}: "
+                           f"{e}); start one with `ray start --head` or leave train.ray_address empty") from None
 
 
 _JOIN_HINT = ""

@@ -192,11 +192,13 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:   # a half-written last line of a killed run
-            pass
+            row = json.loads(line)
+        except json.JSONDecodeError:   # a half-written last line of a killed run (or not a log at all)
+            continue
+        if isinstance(row, dict) and "iteration" in row:
+            out.append(row)
     return out
 
 
