@@ -70,7 +70,7 @@ def generator_config(section: ModelSection, expected: str | None = None):
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path / 'config.json'}: its config does not fit a '{arch}' ({e})") from e
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(_not_a_file(path))
     if expected == "marval":
         raise RecipeError(f"{path} is an official MAR checkpoint, but a MARVAL student is expected here")
     return "mar", MARConfig.from_dict(_official_mar_config(section))
@@ -86,7 +86,13 @@ def check_vae_section(section: VAESection) -> None:
         if arch != "vae":
             raise CheckpointError(f"{path} holds a '{arch}' checkpoint, but a 'vae' is expected here")
     elif not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(_not_a_file(path))
+
+
+def _not_a_file(path: Path) -> str:
+    if path.exists():   # a FIFO or a device (/dev/zero): reading it would block or never end
+        return f"{path} exists but is not a regular file (a pipe or a device?), not a checkpoint"
+    return f"checkpoint not found: {path}"
 
 
 def _checkpoint_path(spec: str, key: str) -> Path:

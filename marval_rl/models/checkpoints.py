@@ -55,6 +55,8 @@ def torch_load_safely(path: str | os.PathLike, map_location: str | torch.device 
         raise CheckpointError(f"{path} is a directory, not a checkpoint file (a marval-rl checkpoint directory "
                               f"loads with load_pretrained; an official checkpoint is the .pth file itself)")
     if not path.is_file():
+        if path.exists():   # a FIFO, a device (/dev/zero): reading it would block or never end
+            raise CheckpointError(f"{path} exists but is not a regular file (a pipe or a device?), not a checkpoint")
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"could not read checkpoint {path}: the file is empty (0 bytes; an interrupted "
@@ -270,6 +272,10 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or "architecture" not in doc or "config" not in doc:
         raise CheckpointError(f"{cfg_path} lacks 'architecture'/'config'")
+    version = doc.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format_version {version!r} is newer than this marval-rl reads "
+                              f"({FORMAT_VERSION}); upgrade marval-rl")
     return doc
 
 

@@ -63,6 +63,8 @@ class MARConfig:
 
     def __post_init__(self):
         self.num_sampling_steps = str(self.num_sampling_steps)
+        if not isinstance(self.class_num, int) or self.class_num < 1:
+            raise ValueError(f"class_num must be an integer >= 1, got {self.class_num!r}")
         if self.img_size % (self.vae_stride * self.patch_size) != 0:
             raise ValueError(f"img_size {self.img_size} is not divisible by vae_stride*patch_size "
                              f"= {self.vae_stride * self.patch_size}")

@@ -58,7 +58,8 @@ def check_pretrain_recipe(recipe, files: bool = True) -> None:
     p = recipe.pretrain
     unknown = [s for s in p.stages if s not in STAGES]
     if unknown or not p.stages:
-        raise RecipeError(f"pretrain.stages: unknown stage(s) {unknown}; use any of {', '.join(STAGES)}")
+        what = f"unknown stage(s) {unknown}" if unknown else "no stage given"
+        raise RecipeError(f"pretrain.stages: {what}; use any of {', '.join(STAGES)}")
     if p.log_every < 1:
         raise RecipeError(f"pretrain.log_every must be >= 1, got {p.log_every}")
     for name in ("sample_every", "checkpoint_every"):

@@ -154,6 +154,9 @@ def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
             from marval_rl.rl.rollout import class_names_for
 
             s.classes = class_ids_from(s.classes, list(s.class_names) or class_names_for(class_num), "train.classes")
+        tokens = _policy_tokens(recipe)
+        if tokens is not None and s.num_iter > tokens:
+            raise ValueError(f"train.num_iter must be in [1, {tokens}] (the policy's number of tokens), got {s.num_iter}")
         out_of_range = [c for c in s.classes if not 0 <= c < class_num]
         if out_of_range:
             raise ValueError(f"train.classes must be class ids in [0, {class_num}) (the policy's class_num), "
@@ -206,6 +209,17 @@ def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
         raise ValueError(f"train.num_workers x train.worker_threads = {s.num_workers * s.worker_threads} "
                          f"exceeds the {cores} CPU cores of this machine; lower them or join a cluster "
                          f"with train.ray_address")
+
+
+def _policy_tokens(recipe) -> int | None:
+    """The policy's token count from its checkpoint config (no weights read), or None if unreadable."""
+    from marval_rl.loading import generator_config
+
+    try:
+        cfg = generator_config(recipe.model)[1]
+        return (cfg.img_size // cfg.vae_stride // cfg.patch_size) ** 2
+    except Exception:   # the loader reports a bad checkpoint with its own message later
+        return None
 
 
 def summarise_history(history: list[dict], keys: list[str]) -> list[dict]:
