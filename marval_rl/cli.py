@@ -66,7 +66,7 @@ def cmd_sample(args) -> int:
                                 progress=True)
             latents.append(res.tokens.cpu())
             if vae is not None:
-                images.append(((vae.decode_tokens(res.tokens) + 1) / 2).clamp(0, 1).cpu())
+                images.append(vae.decode_images(res.tokens).cpu())
     seconds = time.perf_counter() - t0
     summary = {"num_images": len(labels), "seconds": round(seconds, 2), "output_dir": str(out)}
     lat = torch.cat(latents)

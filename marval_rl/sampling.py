@@ -195,11 +195,10 @@ def sample_tokens(model, bsz: int | None = None, labels=None, num_iter: int = 64
 
     tokens = torch.zeros(bsz, L, C, device=device, dtype=model.dtype)  # the model's dtype (bf16, float64, ...)
     mask = torch.ones(bsz, L, device=device)
-    null = model.fake_latent.expand(bsz, -1)
     for step in tqdm(range(num_iter), disable=not progress, desc="AR steps", leave=False):
         with torch.set_grad_enabled(torch.is_grad_enabled() and
                                     (grad_last_k is None or step >= num_iter - grad_last_k)):
-            tokens, mask = _ar_step(model, step, tokens, mask, labels, null, orders, bsz, num_iter, cfg,
+            tokens, mask = _ar_step(model, step, tokens, mask, labels, orders, bsz, num_iter, cfg,
                                     cfg_schedule, temperature, sampler, rng, record)
     record.noise = rng.steps
     return SampleResult(tokens=model.unpatchify(tokens), record=record)
@@ -228,16 +227,12 @@ def _int_tensor(values, name: str, device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
 
 
-def _ar_step(model, step, tokens, mask, labels, null, orders, bsz, num_iter, cfg, cfg_schedule,
+def _ar_step(model, step, tokens, mask, labels, orders, bsz, num_iter, cfg, cfg_schedule,
              temperature, sampler, rng, record):
     """One AR iteration: condition, decide what to unmask, draw those tokens."""
     L = model.seq_len
     if cfg != 1.0:
-        z = model.forward_mae_decoder(
-            model.forward_mae_encoder(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
-                                      torch.cat([model.class_embedding(labels, bsz), null])),
-            torch.cat([mask, mask]))
-        z_cond, z_uncond = z[:bsz], z[bsz:]
+        z_cond, z_uncond = model.guided_condition(tokens, mask, labels)
     else:
         z_cond, z_uncond = model.condition(tokens, mask, labels), None
 

@@ -98,13 +98,9 @@ class GSIMDistiller:
         rate = t.sample_mask_rate(gen, self.s.mask_ratio_min)
         mask = t.mask_from_orders(orders, max(1, math.ceil(t.seq_len * rate)))
         with torch.no_grad():
-            both = t.forward_mae_decoder(
-                t.forward_mae_encoder(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
-                                      torch.cat([t.class_embedding(labels, len(labels)),
-                                                 t.fake_latent.expand(len(labels), -1)])),
-                torch.cat([mask, mask]))
+            z_c, z_u = t.guided_condition(tokens, mask, labels)
         rows = mask.bool().nonzero(as_tuple=True)
-        z_c, z_u = both[: len(labels)][rows], both[len(labels):][rows]
+        z_c, z_u = z_c[rows], z_u[rows]
         z_s = self.student.condition(tokens, mask, labels)[rows] if self.s.train_backbone else z_c
         return z_c, z_u, z_s, len(labels)
 
@@ -254,7 +250,7 @@ def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
             with torch.no_grad():
                 res = sample_tokens(student, labels=grid_labels, num_iter=min(8, student.seq_len),
                                     generator=torch.Generator().manual_seed(0), record_noise=False)
-                save_grid((vae.decode_tokens(res.tokens) + 1) / 2,
+                save_grid(vae.decode_images(res.tokens),
                           out_dir / "samples" / f"student_{done:06d}.png", nrow=8)
         if section.checkpoint_every and (done % section.checkpoint_every == 0 or done == opt.steps):
             d.save_state(state_path, done, gen)

@@ -24,7 +24,7 @@ def generate_images(model, vae, labels: list[int], *, num_iter: int, cfg: float,
         res = sample_tokens(model, labels=labels[i:i + batch_size], num_iter=num_iter, cfg=cfg,
                             cfg_schedule=cfg_schedule, temperature=temperature, generator=generator,
                             token_sampler=token_sampler, record_noise=False)
-        out.append(((vae.decode_tokens(res.tokens) + 1) / 2).clamp(0, 1).cpu())
+        out.append(vae.decode_images(res.tokens).cpu())
     return torch.cat(out), time.perf_counter() - t0
 
 

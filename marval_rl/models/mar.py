@@ -286,6 +286,16 @@ class MAR(nn.Module):
         emb = self.class_embedding(labels, b, label_drop)
         return self.forward_mae_decoder(self.forward_mae_encoder(tokens, mask, emb), mask)
 
+    def guided_condition(self, tokens: torch.Tensor, mask: torch.Tensor,
+                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CFG pair (z_cond, z_uncond), each [B, L, D_dec]: one backbone pass on the batch
+        twice, with the class and with the null class (fake_latent), as the official sampler does."""
+        b = tokens.shape[0]
+        two = torch.cat([mask, mask])
+        emb = torch.cat([self.class_embedding(labels, b), self.fake_latent.expand(b, -1)])
+        z = self.forward_mae_decoder(self.forward_mae_encoder(torch.cat([tokens, tokens]), two, emb), two)
+        return z[:b], z[b:]
+
     # -------------------------------------------------------------------- loss
     def forward(self, latents: torch.Tensor, labels: torch.Tensor, *,
                 orders: torch.Tensor | None = None, mask_rate: float | None = None,

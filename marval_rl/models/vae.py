@@ -336,6 +336,10 @@ class AutoencoderKL(nn.Module):
         """Inverse of :meth:`encode_tokens`: ``decode(tokens / latent_scale)``."""
         return self.decode(tokens / self.config.latent_scale)
 
+    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens to images in [0, 1] (clamped), the form rewards, grids and metrics take."""
+        return ((self.decode_tokens(tokens) + 1) / 2).clamp(0, 1)
+
 
 def build_vae(config: VAEConfig | Mapping[str, Any] | None = None) -> AutoencoderKL:
     """Build an (untrained) :class:`AutoencoderKL`; ``None`` gives the official KL-16 architecture."""

@@ -114,7 +114,7 @@ def train_mar(section: MARTrainSection, dataset, vae: AutoencoderKL, out_dir: Pa
     def on_sample(step, ema_model):
         res = sample_tokens(ema_model, labels=grid_labels, num_iter=min(8, ema_model.seq_len), cfg=3.0,
                             generator=torch.Generator().manual_seed(0), record_noise=False)
-        images = (vae.decode_tokens(res.tokens) + 1) / 2
+        images = vae.decode_images(res.tokens)
         save_grid(images, out_dir / "samples" / f"mar_samples_{step:06d}.png", nrow=8)
 
     teacher, metrics = run_loop(name="mar", model=model, optim=section.optim, out_dir=out_dir,

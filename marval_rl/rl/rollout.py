@@ -136,7 +136,7 @@ class RolloutWorker:
             orders = self.policy.sample_orders(bsz // request.group_size, g).repeat_interleave(request.group_size, 0)
         res = sample_tokens(self.policy, labels=labels, num_iter=self.spec.num_iter, orders=orders,
                             generator=g, token_sampler=sampler)
-        images = ((self.vae.decode_tokens(res.tokens) + 1) / 2).clamp(0, 1)
+        images = self.vae.decode_images(res.tokens)
         t1 = time.perf_counter()
         rewards = self.rewards.score_all(images, prompts, {"class_ids": labels.to(images.device)})
         t2 = time.perf_counter()

@@ -107,7 +107,7 @@ class RLTrainer:
                              grad_last_k=grad_last_k)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        return ((self.vae.decode_tokens(tokens) + 1) / 2).clamp(0, 1)
+        return self.vae.decode_images(tokens)
 
     def reward_scale(self, totals: torch.Tensor) -> float:
         """Running per-sample std of the optimised reward (1.0 when ``normalize_reward`` is off)."""
