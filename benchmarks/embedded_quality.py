@@ -2,6 +2,10 @@
 
     python benchmarks/embedded_quality.py                      # shipped teacher + student, 10 images/class
     python benchmarks/embedded_quality.py --per-class 4 --student-k 64 32 16 8 --teacher-k 16
+    python benchmarks/embedded_quality.py --precision fp32 bf16 --teacher-steps 100 --cfg 3.0 --student-k 16
+
+``--precision``: each row is generated under that autocast (float32 weights) from the same seeds; the
+scores are always computed in float32, so fp32 vs bf16 rows differ by the generation only.
 
 Every row samples ``per-class`` images for each of the 56 classes with the same seed and scores them
 with the shipped evaluators: FID-proxy (classifier features vs held-out renders; lower is better) and
@@ -14,6 +18,7 @@ import json
 
 import torch
 
+from marval_rl.acceleration import PRECISIONS, autocast
 from marval_rl.config import asset_path
 from marval_rl.eval.evaluate import format_table, generate_images, score_images
 from marval_rl.eval.fid import FIDProxy
@@ -33,6 +38,7 @@ def main():
     ap.add_argument("--student-k", type=int, nargs="+", default=[64, 32, 16, 8])
     ap.add_argument("--batch-size", type=int, default=112)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=sorted(PRECISIONS))
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     vae = load_pretrained(args.vae, expected="vae")
@@ -42,13 +48,15 @@ def main():
 
     def row(model, name, head, sampler, k, cfg):
         labels = [c for c in range(model.config.class_num) for _ in range(args.per_class)]
-        images, secs = generate_images(model, vae, labels, num_iter=k, cfg=cfg, cfg_schedule="linear",
-                                       temperature=1.0, token_sampler=sampler, batch_size=args.batch_size,
-                                       seed=args.seed, progress=False)
-        r = {"generator": name, "head": head, "K": k, "cfg": cfg, **score_images(images, labels, classifier, fid),
-             "s_per_image": secs / len(labels)}
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+        for precision in args.precision:
+            with autocast(precision, "cpu"):
+                images, secs = generate_images(model, vae, labels, num_iter=k, cfg=cfg, cfg_schedule="linear",
+                                               temperature=1.0, token_sampler=sampler, batch_size=args.batch_size,
+                                               seed=args.seed, progress=False)
+            r = {"generator": name, "head": head, "K": k, "cfg": cfg, "precision": precision,
+                 **score_images(images, labels, classifier, fid), "s_per_image": secs / len(labels)}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
 
     teacher = load_pretrained(args.teacher, expected="mar")
     for steps in args.teacher_steps:
@@ -64,7 +72,7 @@ def main():
         for k in args.student_k:
             row(student, "student", "one-step", student.default_token_sampler(), k, 1.0)
     print()
-    print(format_table(rows, ["generator", "head", "K", "cfg", "fid_proxy", "classifier_acc", "s_per_image"]))
+    print(format_table(rows, ["generator", "head", "K", "cfg", "precision", "fid_proxy", "classifier_acc", "s_per_image"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from marval_rl.acceleration import autocast, compile_generator
 from marval_rl.config import RecipeError, check_device, load_recipe, recipe_to_yaml
 from marval_rl.models.checkpoints import CheckpointError
 from marval_rl.errors import user_error
-from marval_rl.preflight import (check_generator_inputs, check_output_dir, check_train_inputs, prepare_output,
+from marval_rl.preflight import (check_generator_inputs, check_output_dir, check_run_settings, check_train_inputs,
+                                 prepare_output,
                                  validate_sections)
 from marval_rl.run_record import check_foreign_run, resume_source, write_run_record
 
@@ -56,8 +58,10 @@ def cmd_sample(args) -> int:
     sampler = token_sampler_for(model, s.head_steps)
     generator = torch.Generator().manual_seed(s.seed)
 
+    if recipe.compile:
+        compile_generator(model)
     latents, images, t0 = [], [], time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(recipe.precision, device):
         for i in tqdm(range(0, len(labels), s.batch_size), desc="sampling batches"):
             batch = labels[i:i + s.batch_size]
             res = sample_tokens(model, labels=batch, num_iter=s.num_iter, cfg=s.cfg,
@@ -138,7 +142,7 @@ def cmd_distill(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_output_dir(recipe.output_dir)
-    check_device(recipe.device)
+    check_run_settings(recipe)
     check_section(recipe.distill)
     check_data_section(recipe.data)
     generator_config(recipe.model, expected="mar")
@@ -205,10 +209,13 @@ def cmd_evaluate(args) -> int:
     fid = FIDProxy(classifier, e.fid_stats)
     classes = [int(c) for c in e.classes] or list(range(model.config.class_num))
     labels = [c for c in classes for _ in range(e.per_class)]
-    images, seconds = generate_images(model, vae, labels, num_iter=s.num_iter, cfg=s.cfg,
-                                      cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-                                      token_sampler=token_sampler_for(model, s.head_steps),
-                                      batch_size=e.batch_size, seed=s.seed)
+    if recipe.compile:
+        compile_generator(model)
+    with autocast(recipe.precision, recipe.device):   # generation only: the scores are computed in fp32
+        images, seconds = generate_images(model, vae, labels, num_iter=s.num_iter, cfg=s.cfg,
+                                          cfg_schedule=s.cfg_schedule, temperature=s.temperature,
+                                          token_sampler=token_sampler_for(model, s.head_steps),
+                                          batch_size=e.batch_size, seed=s.seed)
     head = "one-step" if not hasattr(model, "diffloss") else \
         f"diffusion {s.head_steps or model.config.num_sampling_steps}"
     row = {"generator": str(recipe.model.checkpoint), "head": head,

@@ -247,6 +247,8 @@ class Recipe:
     distill: DistillSection = field(default_factory=DistillSection)
     train: TrainSection = field(default_factory=TrainSection)
     device: str = "cpu"
+    precision: str = "fp32"            # fp32 | bf16 | fp16 (GPU): autocast for sampling, rollouts, rewards, RL/distill
+    compile: bool = False              # torch.compile the backbone and head for generation (sample, evaluate, rollouts)
     output_dir: str = "outputs/run"
 
 

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from marval_rl.acceleration import check_compile, check_precision
 from marval_rl.config import RecipeError, check_device
 
 def validate_sections(recipe) -> None:
@@ -79,13 +80,21 @@ def _num_tokens(cfg) -> int:
     return (cfg.img_size // (cfg.vae_stride * cfg.patch_size)) ** 2
 
 
+def check_run_settings(recipe, here: bool = True) -> None:
+    """The device and how passes run on it: ``precision`` for that device, ``compile`` where torch can."""
+    check_device(recipe.device, here=here)
+    check_precision(recipe.precision, recipe.device)
+    if recipe.compile and here:
+        check_compile()
+
+
 def check_generator_inputs(recipe, command: str, device_here: bool = True):
     """What ``sample`` / ``evaluate`` can check before loading weights: the device, the checkpoints (their
     configs), the sample section against the model (token count, class count, head) and, for evaluate,
     the evaluate section. Returns the model's (architecture, MARConfig)."""
     from marval_rl.loading import check_vae_section, generator_config
 
-    check_device(recipe.device, here=device_here)
+    check_run_settings(recipe, here=device_here)
     arch, cfg = generator_config(recipe.model)
     check_vae_section(recipe.vae)
     s, L = recipe.sample, _num_tokens(cfg)
@@ -147,7 +156,7 @@ def check_train_inputs(recipe) -> None:
     from marval_rl.rewards.registry import resolve_reward_class
     from marval_rl.rl.controller import check_train_recipe
 
-    check_device(recipe.device)
+    check_run_settings(recipe)
     _, cfg = generator_config(recipe.model, expected="marval")
     check_train_recipe(recipe, class_num=cfg.class_num)
     if not recipe.vae.checkpoint:

@@ -129,6 +129,12 @@ CASES = [
     pytest.param("train_device_cuda_without_gpu", T + " device=cuda", r"device=cuda.*no CUDA",
                  marks=pytest.mark.skipif(HAS_CUDA, reason="this machine has a GPU"), id="train_device_cuda_without_gpu"),
     ("cuda_index_out_of_range", S + " device=cuda:99", r"device.*cuda:99"),
+    # ------------------------------------------------------------------ precision (issue 14)
+    ("fp16_on_cpu_ran_emulated", S + " precision=fp16", r"precision=fp16 needs a CUDA GPU.*bf16"),
+    ("train_fp16_on_cpu", T + " precision=fp16", r"precision=fp16 needs a CUDA GPU"),
+    ("distill_fp16_on_cpu", D + " precision=fp16", r"precision=fp16 needs a CUDA GPU"),
+    ("unknown_precision_fp8", S + " precision=fp8", r"precision='fp8'.*unknown precision.*bf16"),
+    ("precision_given_as_dtype_name", T + " precision=bfloat16", r"precision='bfloat16'.*unknown"),
     # ------------------------------------------------------------------ checkpoints
     ("checkpoint_missing", S + " model.checkpoint=/no/such.pth", r"checkpoint not found: /no/such\.pth"),
     ("zero_byte_checkpoint_indexerror", S + " model.checkpoint={R}/empty.pth", r"empty\.pth.*empty"),

@@ -337,8 +337,9 @@ class AutoencoderKL(nn.Module):
         return self.decode(tokens / self.config.latent_scale)
 
     def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens to images in [0, 1] (clamped), the form rewards, grids and metrics take."""
-        return ((self.decode_tokens(tokens) + 1) / 2).clamp(0, 1)
+        """Tokens to images in [0, 1] (clamped), the form rewards, grids and metrics take; in the tokens'
+        dtype (under bf16 autocast the decoder computes in bf16, the images come back float32)."""
+        return ((self.decode_tokens(tokens) + 1) / 2).clamp(0, 1).to(tokens.dtype)
 
 
 def build_vae(config: VAEConfig | Mapping[str, Any] | None = None) -> AutoencoderKL:

@@ -265,8 +265,9 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     vae = load_vae(recipe.vae, recipe.device)
     if vae is None:
         raise ValueError("train needs vae.checkpoint to decode images")
-    rewards = RewardSet(s.rewards, s.gold, recipe.device)
-    trainer = RLTrainer(policy, vae, rewards, s)
+    rewards = RewardSet(s.rewards, s.gold, recipe.device, recipe.precision)
+    trainer = RLTrainer(policy, vae, rewards, s, recipe.precision)
+    trainer.exact_replay = not recipe.compile
     class_num = policy.config.class_num
     state_path = out / "rl_state.pt"
     history: list[dict] = []

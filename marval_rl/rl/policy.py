@@ -125,9 +125,14 @@ class GaussianPolicySampler:
         D = self.head.net.z_channels  # [z_theta | z_ref] from PolicyView when the reference model is needed
         z, z_ref = (z_cond[:, :D], z_cond[:, D:]) if z_cond.shape[-1] > D else (z_cond, z_cond)
         noise = self._head_noise(z.shape[0], randn)
+        # under autocast the head computes in bf16/fp16; actions and log-probs are taken at least in the
+        # noise's float32, so the density and the PPO ratio keep their bits (a float64 model stays float64)
         mu = self.head(noise * temperature, z)
+        full = torch.promote_types(mu.dtype, noise.dtype)
+        mu = mu.to(full)
         if self.reference_head is not None:
-            self.reg_rows.append((mu - self.reference_head(noise * temperature, z_ref)).square().mean(-1))
+            mu_ref = self.reference_head(noise * temperature, z_ref).to(full)
+            self.reg_rows.append((mu - mu_ref).square().mean(-1))
         explore = self.explores(step)
         self.explored.append(explore)
         if not explore:

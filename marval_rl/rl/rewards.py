@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from marval_rl.acceleration import autocast
 from marval_rl.config import RewardSpec
 
 
@@ -48,13 +49,19 @@ def _spec_dict(spec: RewardSpec) -> dict:
 class RewardSet:
     """``total = sum_i w_i r_i`` over the optimised rewards; gold rewards are scored and logged only."""
 
-    def __init__(self, optimised: list[RewardSpec], gold: list[RewardSpec] = (), device="cpu"):
+    def __init__(self, optimised: list[RewardSpec], gold: list[RewardSpec] = (), device="cpu",
+                 precision: str = "fp32"):
         from marval_rl.rewards.composite import CompositeReward
 
         if not optimised:
             raise ValueError("train.rewards is empty: name at least one reward to optimise")
         self.composite = CompositeReward([_spec_dict(s) for s in optimised], [_spec_dict(s) for s in gold])
         self.composite.to(device).eval().requires_grad_(False)
+        self.device, self.precision = device, precision
+
+    def _scoring(self):
+        """Reward models run under the run's autocast; their values come back float32 (below)."""
+        return autocast(self.precision, self.device)
 
     @property
     def differentiable(self) -> bool:
@@ -74,7 +81,7 @@ class RewardSet:
         with only the regulariser to follow, silently; stop instead, naming the reward."""
         x = images.detach().clone().requires_grad_(True)
         for label, reward in zip(self.composite.labels, self.composite.members):
-            with torch.enable_grad():
+            with torch.enable_grad(), self._scoring():
                 value = reward(x, prompts, metadata)
                 grad = torch.autograd.grad(value.sum(), x, allow_unused=True)[0] if value.requires_grad else None
             if grad is None:
@@ -91,12 +98,21 @@ class RewardSet:
     def total(self, images, prompts, metadata) -> tuple[torch.Tensor, RewardRecord]:
         """The optimised sum (with grad when the images carry it) and its record (detached; no gold:
         the trainer's replays need only what is optimised)."""
-        total, parts = self.composite.optimised(images, prompts, metadata)
+        with self._scoring():
+            total, parts = self.composite.optimised(images, prompts, metadata)
+        total, parts = _full(total), {k: _full(v) for k, v in parts.items()}
         return total, RewardRecord(total.detach(), parts)
 
     @torch.no_grad()
     def score_all(self, images, prompts, metadata) -> RewardRecord:
         """Every value of a rollout: the optimised total, its parts and the gold rewards."""
         _, record = self.total(images, prompts, metadata)
-        record.gold = {k[len("gold/"):]: v for k, v in self.composite.gold(images, prompts, metadata).items()}
+        with self._scoring():
+            gold = self.composite.gold(images, prompts, metadata)
+        record.gold = {k[len("gold/"):]: _full(v) for k, v in gold.items()}
         return record
+
+
+def _full(values: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 reward values as float32 (advantages and normalisers need the bits); others as they are."""
+    return values.float() if values.dtype in (torch.bfloat16, torch.float16) else values

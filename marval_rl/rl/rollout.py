@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from marval_rl.acceleration import autocast, compile_generator
 from marval_rl.config import ModelSection, RewardSpec, VAESection
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch, RolloutRequest, checksum
 from marval_rl.rl.policy import GaussianPolicySampler, per_step_sample_mean
@@ -50,6 +51,8 @@ class WorkerSpec:
     class_names: list = field(default_factory=list)
     device: str = "cpu"
     threads: int = 1
+    precision: str = "fp32"      # autocast of sampling, decoding and rewards (acceleration.py)
+    compile: bool = False        # torch.compile the policy's backbone and head
 
     @classmethod
     def from_recipe(cls, recipe) -> "WorkerSpec":
@@ -59,7 +62,7 @@ class WorkerSpec:
         return cls(model=recipe.model, vae=recipe.vae, rewards=list(s.rewards), gold=list(s.gold),
                    num_iter=s.num_iter, explore_std=explore_std(s), explore_steps=list(s.explore_steps),
                    prompt_template=s.prompt_template, class_names=list(s.class_names), device=recipe.device,
-                   threads=s.worker_threads)
+                   threads=s.worker_threads, precision=recipe.precision, compile=recipe.compile)
 
 
 class RolloutWorker:
@@ -73,7 +76,9 @@ class RolloutWorker:
         if self.vae is None:
             raise ValueError("rollout workers need vae.checkpoint to decode images")
         self.vae.requires_grad_(False)
-        self.rewards = RewardSet(spec.rewards, spec.gold, spec.device)
+        self.rewards = RewardSet(spec.rewards, spec.gold, spec.device, spec.precision)
+        if spec.compile:
+            compile_generator(self.policy)
         self.names = list(spec.class_names) or class_names_for(self.policy.config.class_num)
         if len(self.names) != self.policy.config.class_num:
             raise ValueError(f"{len(self.names)} class names for a {self.policy.config.class_num}-class policy")
@@ -112,7 +117,7 @@ class RolloutWorker:
         return self.version
 
     def rollout(self, request: RolloutRequest) -> RolloutBatch:
-        with self._threads(), torch.no_grad():
+        with self._threads(), torch.no_grad(), autocast(self.spec.precision, self.spec.device):
             return self._rollout(request)
 
     def _rollout(self, request: RolloutRequest) -> RolloutBatch:

@@ -7,7 +7,7 @@ trains the reference backbone equals the policy's and one backbone pass serves b
 frozen reference model computes its own condition z_ref on the same state (``PolicyView``).
 
 Update rules (``marval_rl/rl/update_rules.py``, registered by name) use :meth:`sampler`, :meth:`replay`,
-:meth:`decode`, :meth:`reward_scale` and :meth:`step`; the trainer applies one rule per iteration and
+:meth:`decode`, :meth:`reward_scale`, :meth:`backward` and :meth:`step`; the trainer applies one rule per iteration and
 bumps the policy version.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import copy
 
 import torch
 
+from marval_rl.acceleration import autocast
 from marval_rl.config import TrainSection
 from marval_rl.models.one_step import MARVAL
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch
@@ -33,7 +34,7 @@ def explore_std(section: TrainSection) -> float:
 
 
 class RLTrainer:
-    def __init__(self, policy: MARVAL, vae, rewards, section: TrainSection):
+    def __init__(self, policy: MARVAL, vae, rewards, section: TrainSection, precision: str = "fp32"):
         if not isinstance(policy, MARVAL):
             raise ValueError(f"RL starts from a MARVAL one-step policy, got a {type(policy).__name__} "
                              f"(distill a teacher first: marval-rl distill)")
@@ -58,6 +59,13 @@ class RLTrainer:
         self.ema = {n: params[n].detach().clone() for n in self.names} if section.optim.ema > 0 else None
         self.version = 0
         self.reward_std: float | None = None   # running per-sample std of the optimised reward
+        # precision: the replays and decodes run under the rollouts' autocast (same kernels, so on-policy
+        # replays stay exact); fp16 also scales the loss so small gradients do not flush to zero
+        self.precision = precision
+        # compiled rollouts (``compile=true``) against eager replays agree only up to rounding: then the
+        # on-policy ratio is 1 +- rounding, reported (pg/ratio_first_epoch_max_dev) but not asserted
+        self.exact_replay = True
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
     def _lr_scale(self, name: str) -> float:
         """train.group_lr / train.optim.lr for the first group in train.group_lr that holds ``name``."""
@@ -103,11 +111,16 @@ class RLTrainer:
         """Recompute a rollout from its record with autograd on (reference model beside when needed)."""
         needs_ref_model = sampler.reference_head is not None and not self.head_only
         view = PolicyView(self.policy, self.reference if needs_ref_model else None, self.s.detach_context)
-        return sample_tokens(view, replay=batch.record, token_sampler=sampler,
-                             grad_last_k=grad_last_k)
+        with autocast(self.precision, self.device):
+            return sample_tokens(view, replay=batch.record, token_sampler=sampler, grad_last_k=grad_last_k)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode_images(tokens)
+        with autocast(self.precision, self.device):
+            return self.vae.decode_images(tokens)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate an update rule's loss (outside autocast; scaled under fp16)."""
+        self.scaler.scale(loss).backward()
 
     def reward_scale(self, totals: torch.Tensor) -> float:
         """Running per-sample std of the optimised reward (1.0 when ``normalize_reward`` is off)."""
@@ -126,9 +139,11 @@ class RLTrainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         average_gradients(params)  # no-op in a single process
         params = [p for p in params if p.grad is not None]
+        self.scaler.unscale_(self.optimizer)  # fp16: clip the true gradients (a no-op otherwise)
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")) if params else torch.zeros(())
         set_lr(self.optimizer, lr_at(self.version, self.s.optim))  # train.optim.warmup_steps: linear warm-up
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             params = dict(self.policy.named_parameters())
@@ -152,7 +167,8 @@ class RLTrainer:
         params = dict(self.policy.named_parameters())
         return {"trainable": {n: params[n].detach().clone() for n in self.names},
                 "optimizer": self.optimizer.state_dict(), "version": self.version, "ema": self.ema or {},
-                "reward_std": -1.0 if self.reward_std is None else self.reward_std}
+                "reward_std": -1.0 if self.reward_std is None else self.reward_std,
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})}
 
     def load_state_dict(self, state: dict):
         from marval_rl.models.checkpoints import CheckpointError
@@ -173,5 +189,7 @@ class RLTrainer:
                 raise CheckpointError("RL state has no EMA of the trained parameters, but train.optim.ema > 0")
             self.ema = {n: state["ema"][n].clone() for n in self.names}
         self.version = int(state["version"])
+        if self.scaler.is_enabled() and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         rs = float(state.get("reward_std", -1.0))
         self.reward_std = None if rs < 0 else rs

@@ -3,7 +3,7 @@
     class MyRule(UpdateRule):            # in my_rule.py, named by the recipe: train.algorithm: my_rule.py:MyRule
         needs_exploration = True         # rollouts sampled with explore_std > 0 (log-probs recorded)
         def update(self, trainer, batches) -> dict:
-            ... trainer.replay(...), loss.backward() ...
+            ... trainer.replay(...), trainer.backward(loss) ...
             return {"my/stat": ..., "grad_norm": trainer.step()}
 
 An update rule declares what it needs from the rollouts (``needs_exploration``, ``needs_groups``,
@@ -98,7 +98,7 @@ class RewardGradient(UpdateRule):
                 anchor = per_sample_mean(sampler.reg_rows, b.record.predicted)
                 loss = loss + s.reg_weight * anchor.sum()
                 stats["rg/anchor"] += anchor.sum().item() / n
-            (loss / n).backward()
+            trainer.backward(loss / n)
             stats["rg/reward"] += total.sum().item() / n
         stats["grad_norm"] = trainer.step()
         return stats
@@ -138,7 +138,8 @@ class PolicyGradient(UpdateRule):
                 steps = torch.tensor(sampler.explored, device=dev)
                 logp = per_step_sample_mean(sampler.logprobs, b.record.predicted)[steps]        # [K', B]
                 log_ratio = logp - b.old_logprobs.to(dev)[steps]
-                if epoch == 0 and b.version == trainer.version and log_ratio.abs().max().item() > 1e-5:
+                exact = trainer.exact_replay and b.version == trainer.version
+                if epoch == 0 and exact and log_ratio.abs().max().item() > 1e-5:
                     raise RuntimeError(f"on-policy log-ratio is {log_ratio.abs().max().item():.3g}, not 0: the "
                                        f"trainer's replay differs from the rollout (non-deterministic kernels?)")
                 ratio = log_ratio.exp()
@@ -149,7 +150,7 @@ class PolicyGradient(UpdateRule):
                     kl = per_sample_mean(sampler.reg_rows, b.record.predicted) / (2 * std ** 2)
                     loss = loss + s.kl_weight * kl.sum()
                     kls.append(kl.detach())
-                (loss / n).backward()
+                trainer.backward(loss / n)
                 ratios.append(ratio.detach().flatten())
                 log_ratios.append(log_ratio.detach().flatten())
             grad_norm = trainer.step()

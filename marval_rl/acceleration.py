@@ -1,0 +1,87 @@
+"""Cheaper passes, same weights: mixed precision (``precision``) and compiled AR steps (``compile``).
+
+Mixed precision is autocast, never a cast of the weights: parameters, optimiser state, EMA, the AR
+loop's tokens, the head noise, log-probabilities and losses stay float32 (the model's dtype); matmuls
+and convolutions run in bf16 (CPUs with AMX / avx512-bf16, Ampere and later GPUs) or fp16 (GPUs only,
+with a gradient scaler in the trainers). Within one precision a replay is exact: the rollout worker and
+the trainer run the same autocast kernels on the same inputs.
+
+Compilation wraps the backbone's encoder and decoder and the token head with ``torch.compile`` and
+``dynamic=True``: every AR step has its own number of visible tokens (encoder length) and of tokens
+to predict (head rows), so static shapes would compile one graph per step size (K graphs for K steps,
+each ~30 s on a 2-core CPU); dynamic shapes compile once per precision (measured: ~30-40 s for MAR-B)
+and the decoder, whose length is fixed, specialises anyway. It pays off only over many images, so it
+is off by default and applies to generation only (``sample``, ``evaluate``, rollout workers): the RL
+trainer's replays run eager, which is why a compiled rollout's on-policy ratio is 1 only up to rounding
+and the policy-gradient rule allows for it (see ``UpdateRule.replay_tolerance``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from marval_rl.config import RecipeError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PrecisionError(RecipeError):
+    """A precision the device cannot run, or a compile request torch cannot honour."""
+
+
+def check_precision(precision: str, device: str | torch.device, key: str = "precision") -> None:
+    """fp32 anywhere, bf16 on CPU and on GPUs that support it, fp16 on GPUs only."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"{key}={precision!r}: unknown precision; use one of {sorted(PRECISIONS)}")
+    dev = torch.device(device)
+    if precision == "fp16" and dev.type != "cuda":
+        raise PrecisionError(f"{key}=fp16 needs a CUDA GPU (CPU autocast has no fp16 kernels worth using); "
+                             f"use {key}=bf16 on {dev.type}")
+    if precision == "bf16" and dev.type == "cuda" and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
+        raise PrecisionError(f"{key}=bf16 but {torch.cuda.get_device_name(dev)} has no bf16 support "
+                             f"(pre-Ampere); use {key}=fp16 or fp32")
+    if precision == "bf16" and dev.type == "mps":
+        raise PrecisionError(f"{key}=bf16 is not supported on mps here; use {key}=fp32")
+
+
+def autocast(precision: str, device: str | torch.device):
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 instructions (AMX or avx512-bf16); without them bf16 is emulated (slower)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def check_compile() -> None:
+    """``compile=true`` needs torch.compile and, on CPU, a C++ compiler for the generated kernels."""
+    import shutil
+
+    if not hasattr(torch, "compile"):
+        raise PrecisionError("compile=true needs torch >= 2.0 (torch.compile)")
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise PrecisionError("compile=true: torch.compile's CPU kernels need a C++ compiler (g++ or clang++) "
+                             "on PATH; install one or use compile=false")
+
+
+def compile_generator(model):
+    """Compile ``model``'s backbone (encoder, decoder) and token head in place; returns the model.
+
+    The compiled functions live on the instance (not in its state dict), so checkpoints, weight
+    syncing and ``load_state_dict`` are unchanged."""
+    check_compile()
+    model.forward_mae_encoder = torch.compile(model.forward_mae_encoder, dynamic=True)
+    model.forward_mae_decoder = torch.compile(model.forward_mae_decoder, dynamic=True)
+    head = model.one_step if hasattr(model, "one_step") else model.diffloss.net
+    head.forward = torch.compile(head.forward, dynamic=True)
+    return model
