@@ -3,6 +3,14 @@
     python benchmarks/sampling.py                                  # MAR-B, random weights, CPU
     python benchmarks/sampling.py --num-iter 8 --batch 1           # quick CPU run
     python benchmarks/sampling.py --device cuda --batch 1 64 --num-iter 64 --cfg 1.0 2.9
+    python benchmarks/sampling.py --precision fp32 bf16 --compile       # autocast and torch.compile rows
+
+``--precision``: every generator runs under each autocast (float32 weights; the one-step head stays
+float32, see marval_rl/acceleration.py). ``--compile``: each precision also runs compiled (backbone
+and head, dynamic shapes; the compile time is reported separately, not in the per-image time).
+Ratios in the table: the fp32 teacher's time at the same batch, K and highest cfg over this row's
+("vs fp32 teacher"), the fp32 student's over this row's ("vs fp32 student"), and the row's backbone
+share of its own time ("backbone floor": 100% would mean the head costs nothing).
 
 Time per image is split into backbone and token-sampler (head) time. The student is built from the
 same random teacher (``MARVAL.from_teacher``) and sampled at cfg = 1, as it is used (guidance is
@@ -21,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from marval_rl.acceleration import autocast, compile_generator
 from marval_rl.models import MAR
 from marval_rl.models.one_step import MARVAL, OneStepSampler
 from marval_rl.sampling import DiffusionSampler, sample_tokens
@@ -66,6 +75,8 @@ def main():
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.9])
     ap.add_argument("--head-steps", type=int, nargs="+", default=[100])
     ap.add_argument("--no-student", action="store_true", help="time the teacher only")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--compile", action="store_true", help="also time compiled generators")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -77,7 +88,7 @@ def main():
     student = None if args.no_student else MARVAL.from_teacher(model).eval()
     rows = []
 
-    def run(gen_model, sampler, bsz, k, cfg, head, steps):
+    def run(gen_model, sampler, bsz, k, cfg, head, steps, mode):
         timed = TimedSampler(sampler, device)
         labels = torch.arange(bsz) % model.config.class_num
         sync(device)
@@ -86,31 +97,56 @@ def main():
                       generator=torch.Generator().manual_seed(0), record_noise=False)
         sync(device)
         total = time.perf_counter() - t0
-        rows.append(dict(batch=bsz, num_iter=k, cfg=cfg, head=head, head_steps=steps, total_s=total,
+        rows.append(dict(mode=mode, batch=bsz, num_iter=k, cfg=cfg, head=head, head_steps=steps, total_s=total,
                          per_image_s=total / bsz, backbone_s=total - timed.seconds, head_s=timed.seconds,
                          head_share=timed.seconds / total))
         r = rows[-1]
-        print(f"batch {bsz:>3} K {k:>3} cfg {cfg:<4} {head} {steps:>3} steps: {r['per_image_s']:.3f} s/img "
+        print(f"{mode:<13} batch {bsz:>3} K {k:>3} cfg {cfg:<4} {head} {steps:>3} steps: {r['per_image_s']:.3f} s/img "
               f"(backbone {r['backbone_s']:.2f} s, head {r['head_s']:.2f} s)", flush=True)
-        return r
 
+    import copy
+
+    modes = [(p, False) for p in args.precision] + ([(p, True) for p in args.precision] if args.compile else [])
     with torch.inference_mode():
-        sample_tokens(model, labels=[0], num_iter=2, token_sampler=DiffusionSampler(model.diffloss, 2))
-        for bsz, k in itertools.product(args.batch, args.num_iter):
-            if student is not None:
-                fast = run(student, OneStepSampler(student.one_step), bsz, k, 1.0, "one-step", 1)
-            for cfg, steps in itertools.product(args.cfg, args.head_steps):
-                slow = run(model, DiffusionSampler(model.diffloss, steps), bsz, k, cfg, "diffusion", steps)
-                if student is not None:
-                    slow["speedup_vs_student"] = slow["total_s"] / fast["total_s"]
+        for precision, compiled in modes:
+            mode = precision + (" compiled" if compiled else "")
+            teacher_m = compile_generator(copy.deepcopy(model)) if compiled else model
+            student_m = compile_generator(copy.deepcopy(student)) if compiled and student is not None else student
+            with autocast(precision, device):
+                t0 = time.perf_counter()   # warm-up (and, compiled, the compilation) on the largest shapes
+                for gm, smp in [(teacher_m, DiffusionSampler(teacher_m.diffloss, 2))] + \
+                        ([(student_m, OneStepSampler(student_m.one_step))] if student_m is not None else []):
+                    # every batch size and, for the teacher, CFG's doubled batch: dynamic shapes still
+                    # specialise sizes 0 and 1, so batch 1 and its CFG pair (2) are separate graphs
+                    cfgs = args.cfg if gm is teacher_m else [1.0]
+                    for b, cfg in itertools.product(sorted(set(args.batch)), sorted(set(cfgs))):
+                        sample_tokens(gm, labels=[0] * b, num_iter=2, cfg=cfg, token_sampler=smp)
+                print(f"# {mode}: warm-up{' and compilation' if compiled else ''} {time.perf_counter() - t0:.1f} s")
+                for bsz, k in itertools.product(args.batch, args.num_iter):
+                    if student_m is not None:
+                        run(student_m, OneStepSampler(student_m.one_step), bsz, k, 1.0, "one-step", 1, mode)
+                    for cfg, steps in itertools.product(args.cfg, args.head_steps):
+                        run(teacher_m, DiffusionSampler(teacher_m.diffloss, steps), bsz, k, cfg, "diffusion", steps, mode)
+
+    def base(r, head):
+        cfg = max(args.cfg) if head == "diffusion" else 1.0
+        for b in rows:
+            if (b["mode"], b["head"], b["batch"], b["num_iter"], b["cfg"]) == ("fp32", head, r["batch"], r["num_iter"], cfg):
+                return b["total_s"]
+        return None
+
     print()
-    print("| batch | K | cfg | head | total (s) | s / image | backbone (s) | head (s) | head share | teacher / student |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| precision | batch | K | cfg | head | s / image | backbone (s) | head (s) | vs fp32 teacher | "
+          "vs fp32 student | backbone floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{r['speedup_vs_student']:.1f}x" if "speedup_vs_student" in r else ""
-        print(f"| {r['batch']} | {r['num_iter']} | {r['cfg']} | {r['head']} {r['head_steps']} | "
-              f"{r['total_s']:.2f} | {r['per_image_s']:.3f} | {r['backbone_s']:.2f} | {r['head_s']:.2f} | "
-              f"{100 * r['head_share']:.0f}% | {ratio} |")
+        t, st = base(r, "diffusion"), base(r, "one-step")
+        r["vs_fp32_teacher"] = t / r["total_s"] if t else None
+        r["vs_fp32_student"] = st / r["total_s"] if st else None
+        fmt = lambda v: f"{v:.2f}x" if v else ""
+        print(f"| {r['mode']} | {r['batch']} | {r['num_iter']} | {r['cfg']} | {r['head']} {r['head_steps']} | "
+              f"{r['per_image_s']:.3f} | {r['backbone_s']:.2f} | {r['head_s']:.2f} | {fmt(r['vs_fp32_teacher'])} | "
+              f"{fmt(r['vs_fp32_student'])} | {100 * (1 - r['head_share']):.0f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
