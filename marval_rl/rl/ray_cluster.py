@@ -137,7 +137,7 @@ def init_ray(section: TrainSection, num_cpus: int, job_name: str | None = None) 
                                f"on one node, `ray start --address ...` on the others; docs/ray.md)")
         if rank == 0:
             try:
-                started = init_ray(section, num_cpus * world, job_name)
+                started = _init_here(section, num_cpus * world, job_name)
             except BaseException:
                 _broadcast_address(None)   # the other ranks stop too, instead of waiting for an address
                 raise
@@ -152,6 +152,11 @@ def init_ray(section: TrainSection, num_cpus: int, job_name: str | None = None) 
                            **_job_options(job_name))
         print(f"[ray] torchrun rank {rank} joined rank 0's cluster at {address}")
         return False, getattr(ctx, "dashboard_url", None) or _dashboard_url()
+    return _init_here(section, num_cpus, job_name)
+
+
+def _init_here(section: TrainSection, num_cpus: int, job_name: str | None) -> tuple[bool, str | None]:
+    """``init_ray`` for one driver: join ``train.ray_address``, or start the private local cluster."""
     quiet = _job_options(job_name)
     if section.ray_address:
         _check_reachable(section.ray_address)
