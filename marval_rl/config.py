@@ -221,6 +221,8 @@ class TrainSection:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
     worker_threads: int = 1              # torch threads per rollout worker
+    trainer_ranks: int = 1               # data-parallel trainer ranks as Ray actors (docs/ray.md); 1 = in this process
+    trainer_threads: int = 1             # torch threads (and Ray CPUs) per trainer rank when trainer_ranks > 1
     wandb: str = "off"                   # off | offline | online (needs the wandb extra)
     wandb_project: str = "marval-rl"
     wandb_name: str = ""                 # "" = the output folder's name

@@ -77,6 +77,7 @@ def user_error(e: BaseException) -> str | None:
         return _one_line(e)
     if isinstance(e, (ValueError, FloatingPointError)) and _raised_by_us(e):
         return _one_line(e)
-    if isinstance(e, RuntimeError) and _raised_by_us(e, module="rl/ray_executor.py"):
-        return _one_line(e)      # the cluster or a worker could not start
+    if isinstance(e, RuntimeError) and any(_raised_by_us(e, module=f"rl/ray_{m}.py")
+                                           for m in ("executor", "cluster", "trainers")):
+        return _one_line(e)      # the cluster, a worker or a trainer rank could not start
     return None

@@ -10,7 +10,9 @@
     last = judge.run(...); summary, before/after image, policy
 
 Executors hide where workers live: ``LocalExecutor`` (this process; tests, ``--no-ray``) or
-``RayExecutor`` (Ray actors, ``rl/ray_executor.py``; the only module that imports Ray).
+``RayExecutor`` (Ray actors, ``rl/ray_executor.py``). The trainer is an ``RLTrainer`` in this process,
+or with ``train.trainer_ranks`` > 1 a ``TrainerGroup`` of data-parallel ranks as Ray actors
+(``rl/ray_trainers.py``) that the controller drives the same way; Ray is imported only by ``rl/ray_*.py``.
 All randomness is derived from (train.seed, iteration, request index), and the controller's state
 (trainer weights, optimiser, version, iteration, reward normaliser, metrics and eval history, the
 first evaluation) is checkpointed atomically, so a killed run resumes to the same numbers.
@@ -104,7 +106,8 @@ def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
                 resolve_reward_class(spec.name)
             except ValueError as e:
                 raise ValueError(f"{key}: {e}") from e
-    for key in ("num_workers", "rollouts_per_worker", "iterations", "num_iter", "worker_threads", "group_size"):
+    for key in ("num_workers", "rollouts_per_worker", "iterations", "num_iter", "worker_threads", "group_size",
+                "trainer_ranks", "trainer_threads"):
         if getattr(s, key) < 1:
             raise ValueError(f"train.{key} must be >= 1, got {getattr(s, key)}")
     for key in ("eval_per_class", "eval_every", "grid_every", "checkpoint_every"):
@@ -209,6 +212,30 @@ def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
         raise ValueError(f"train.num_workers x train.worker_threads = {s.num_workers * s.worker_threads} "
                          f"exceeds the {cores} CPU cores of this machine; lower them or join a cluster "
                          f"with train.ray_address")
+    check_trainer_ranks(recipe, cores)
+
+
+def check_trainer_ranks(recipe: Recipe, cores: int) -> None:
+    """train.trainer_ranks: whole shares of the rollout batches, and (local cluster) this machine's CPUs/GPUs;
+    a joined cluster is checked against its resources once joined (``ray_trainers.check_cluster``)."""
+    s = recipe.train
+    if s.trainer_ranks == 1:
+        return
+    if s.num_workers % s.trainer_ranks:
+        raise ValueError(f"train.num_workers ({s.num_workers}) must be a multiple of train.trainer_ranks "
+                         f"({s.trainer_ranks}): each trainer rank updates on an equal share of the iteration's "
+                         f"rollout batches")
+    if s.ray_address:
+        return
+    if str(recipe.device).startswith("cuda"):
+        gpus = torch.cuda.device_count()
+        if s.trainer_ranks > gpus:
+            raise ValueError(f"train.trainer_ranks={s.trainer_ranks} exceeds the {gpus} GPUs of this machine "
+                             f"(one GPU per trainer rank); lower it or join a cluster with train.ray_address")
+    elif s.trainer_ranks * s.trainer_threads > cores:
+        raise ValueError(f"train.trainer_ranks={s.trainer_ranks} x train.trainer_threads={s.trainer_threads} = "
+                         f"{s.trainer_ranks * s.trainer_threads} exceeds the {cores} CPU cores of this machine; "
+                         f"lower them or join a cluster with train.ray_address")
 
 
 def _policy_tokens(recipe) -> int | None:
@@ -239,12 +266,27 @@ def _point_from_state(d: dict) -> EvalPoint | None:
     return EvalPoint(**d) if d else None
 
 
+def build_trainer(recipe: Recipe) -> RLTrainer:
+    """The recipe's policy, VAE, rewards and ``RLTrainer`` (the controller's, or one trainer rank's)."""
+    from marval_rl.loading import load_generator, load_vae
+    from marval_rl.rl.rewards import RewardSet
+
+    torch.manual_seed(recipe.train.seed)
+    policy = load_generator(recipe.model, recipe.device, expected="marval")
+    vae = load_vae(recipe.vae, recipe.device)
+    if vae is None:
+        raise ValueError("train needs vae.checkpoint to decode images")
+    rewards = RewardSet(recipe.train.rewards, recipe.train.gold, recipe.device, recipe.precision)
+    trainer = RLTrainer(policy, vae, rewards, recipe.train, recipe.precision)
+    trainer.exact_replay = not recipe.compile
+    return trainer
+
+
 def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = True,
                  stop_after: int | None = None, resume_from: str | Path | None = None) -> dict:
     """Run (or resume) RL; returns the summary. ``resume_from``: a state (``rl_state.pt`` or a run's
     folder) to continue into ``output_dir``; default: the one in ``output_dir`` if any. ``stop_after``
     ends early (tests of resume)."""
-    from marval_rl.loading import load_generator, load_vae
     from marval_rl.rl.distributed import all_mean, finish, world
     from marval_rl.rl.run_logger import RunLogger
     from marval_rl.rl.rewards import RewardSet
@@ -252,6 +294,14 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     check_train_recipe(recipe)
     rank, world_size = world()
     s, out = recipe.train, Path(recipe.output_dir)
+    use_ray = s.use_ray if use_ray is None else use_ray
+    group = s.trainer_ranks > 1     # trainer ranks as Ray actors (rl/ray_trainers.py)
+    if group and not use_ray:
+        raise ValueError(f"train.trainer_ranks={s.trainer_ranks} runs the trainer ranks as Ray actors and needs Ray "
+                         f"(drop --no-ray / train.use_ray=false), or set train.trainer_ranks=1")
+    if group and world_size > 1:
+        raise ValueError(f"train.trainer_ranks={s.trainer_ranks} under torchrun ({world_size} processes): use one "
+                         f"of them to run several trainer ranks, not both")
     if rank == 0:
         remove_stale_temps(out)
     source = resume_source(resume_from, "train") if resume_from is not None else None
@@ -260,32 +310,47 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
             raise RecipeError(f"--resume {resume_from}: output_dir {out} holds a run of its own; use another "
                               f"output_dir or --overwrite")
         check_resume(out, recipe, "train", source)
-    torch.manual_seed(s.seed)
-    policy = load_generator(recipe.model, recipe.device, expected="marval")
-    vae = load_vae(recipe.vae, recipe.device)
-    if vae is None:
-        raise ValueError("train needs vae.checkpoint to decode images")
-    rewards = RewardSet(s.rewards, s.gold, recipe.device, recipe.precision)
-    trainer = RLTrainer(policy, vae, rewards, s, recipe.precision)
-    trainer.exact_replay = not recipe.compile
-    class_num = policy.config.class_num
+    job_name = f"marval-rl train: {out.resolve().name}"
+    if group:   # the controller holds no replica: the config for class ids and sizes, rewards for the judge
+        from marval_rl.loading import generator_config
+        from marval_rl.rl.ray_trainers import TrainerGroup, needs, start_cluster
+
+        policy_config = generator_config(recipe.model)[1]
+        torch.manual_seed(s.seed)
+        rewards = RewardSet(s.rewards, s.gold, recipe.device, recipe.precision) if s.eval_per_class else None
+        # one cluster for trainer ranks and rollout workers; the group stops it (also when it fails to start)
+        trainer = TrainerGroup(recipe, owns_ray=start_cluster(recipe, job_name))
+    else:
+        trainer = build_trainer(recipe)
+        policy_config, rewards = trainer.policy.config, trainer.rewards
+    class_num = policy_config.class_num
     state_path = out / "rl_state.pt"
     history: list[dict] = []
     start, first, wandb_id = 0, None, None
     load_from = source or (state_path if state_path.is_file() else None)
     if load_from is not None:
         state = torch_load_safely(load_from)
-        trainer.load_state_dict(state["trainer"])
+        try:
+            trainer.load_state_dict(state["trainer"])   # into every trainer rank
+        except BaseException:
+            if group:
+                trainer.shutdown()
+            raise
         history, start = json.loads(state["history"]), int(state["iteration"])
         first = _point_from_state(state.get("eval_first", {}))
         wandb_id = state.get("wandb_id") or None
         print(f"[train] resuming at iteration {start} ({load_from})")
-    use_ray = s.use_ray if use_ray is None else use_ray
     spec = WorkerSpec.from_recipe(recipe)
     if use_ray:
         from marval_rl.rl.ray_executor import RayExecutor
 
-        executor = RayExecutor(spec, s.num_workers, s, job_name=f"marval-rl train: {out.resolve().name}")
+        try:
+            executor = RayExecutor(spec, s.num_workers, s, job_name=job_name,
+                                   reserved_gpus=needs(recipe)[2] if group else 0)
+        except BaseException:
+            if group:
+                trainer.shutdown()
+            raise
     else:
         executor = LocalExecutor(spec, s.num_workers)
     judge = FixedEval(recipe, rewards, class_num, recipe.device) if s.eval_per_class and rank == 0 else None
@@ -313,7 +378,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
 
     try:
         if judge is not None:
-            real = judge.score_real(policy.config.img_size)
+            real = judge.score_real(policy_config.img_size)
             logger.eval_real(real)
             if first is None:
                 executor.set_weights(trainer.weights(averaged=True))
@@ -338,6 +403,8 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
             if world_size > 1:  # rewards averaged over every rank's rollouts
                 metrics = {k: all_mean(v) if k.startswith(("reward/", "gold/")) else v for k, v in metrics.items()}
                 metrics["world_size"] = world_size
+            if group:
+                metrics["trainer_ranks"] = s.trainer_ranks
             if judge is not None and s.eval_every and (it + 1) % s.eval_every == 0 and it + 1 < s.iterations:
                 executor.set_weights(trainer.weights(averaged=True))
                 point = judge.run(executor, trainer.version, it + 1)
@@ -359,6 +426,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
             executor.set_weights(trainer.weights(averaged=True))
             last = judge.run(executor, trainer.version, end)
             logger.eval_point(last, judge.class_ids)
+        final_policy = trainer.final_policy() if rank == 0 else None   # (before the trainer ranks stop)
     except BaseException:
         # a run that fails before its first checkpoint (a NaN reward at iteration 1) leaves no folder it made
         if created and not state_path.is_file():
@@ -368,10 +436,12 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
         raise
     finally:
         executor.shutdown()
+        if group:   # last: it stops the cluster when it started it
+            trainer.shutdown()
     if rank != 0:
         finish()
         return {"rank": rank}
-    policy_dir = save_pretrained(trainer.final_policy(), out / "policy",
+    policy_dir = save_pretrained(final_policy, out / "policy",
                                  metadata={"stage": "rl", "algorithm": s.algorithm, "version": trainer.version})
     keys = ["reward/total"] + [k for k in history[-1] if k.startswith(("reward/", "gold/")) and k != "reward/total"] \
         if history else []

@@ -126,6 +126,9 @@ class RLTrainer:
         """Running per-sample std of the optimised reward (1.0 when ``normalize_reward`` is off)."""
         if not self.s.normalize_reward:
             return 1.0
+        from marval_rl.rl.distributed import all_cat
+
+        totals = all_cat(totals)   # with several trainer ranks: one scale, over the global batch, on every rank
         std = float(totals.float().std()) if totals.numel() > 1 else 0.0
         m = self.s.reward_norm_momentum
         self.reward_std = std if self.reward_std is None else (1 - m) * self.reward_std + m * std
