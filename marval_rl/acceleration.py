@@ -13,7 +13,7 @@ each ~30 s on a 2-core CPU); dynamic shapes compile once per precision (measured
 and the decoder, whose length is fixed, specialises anyway. It pays off only over many images, so it
 is off by default and applies to generation only (``sample``, ``evaluate``, rollout workers): the RL
 trainer's replays run eager, which is why a compiled rollout's on-policy ratio is 1 only up to rounding
-and the policy-gradient rule allows for it (see ``UpdateRule.replay_tolerance``).
+and the policy-gradient rule then reports the ratio instead of asserting it (``RLTrainer.exact_replay``).
 """
 from __future__ import annotations
 

@@ -364,3 +364,12 @@ def write_prometheus_config(out: Path, job: str = "marval-rl") -> Path | None:
     path = Path(out) / "prometheus.yml"
     atomic_write(path, lambda p: Path(p).write_text(text))
     return path
+
+
+def kill_actors(handles) -> None:
+    """Kill Ray actors for good (no restart); one already gone is fine."""
+    for h in handles:
+        try:
+            ray.kill(h, no_restart=True)
+        except Exception:   # already dead, or its node is gone: nothing left to stop
+            pass

@@ -39,7 +39,7 @@ from marval_rl.rl import ray_cluster
 from marval_rl.rl.ray_cluster import (DEFAULT_DASHBOARD_PORT, LOOPBACK, _is_loopback, _precreate_private_token,  # noqa: F401
                                       _private_token_file, auth_headers, auth_token, auth_token_path, dashboard_help,
                                       init_ray, private_working_dir, prometheus_url, token_auth_enabled,
-                                      write_prometheus_config)   # (re-exported: their old home)
+                                      kill_actors, write_prometheus_config)   # (re-exported: their old home)
 from marval_rl.rl.rollout import RolloutWorker, WorkerSpec
 
 ACTOR_PREFIX = "marval-rl-worker"
@@ -268,11 +268,7 @@ class RayExecutor:
         if self._closed:
             return
         self._closed = True
-        for h in self.workers:
-            try:
-                ray.kill(h, no_restart=True)
-            except Exception:
-                pass
+        kill_actors(self.workers)
         self.workers = []
         self._weights_ref = None
         if self._owns_ray and ray.is_initialized():

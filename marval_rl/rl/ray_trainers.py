@@ -40,6 +40,7 @@ import ray
 from ray.exceptions import GetTimeoutError
 
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch
+from marval_rl.rl.ray_cluster import kill_actors
 
 ACTOR_PREFIX = "marval-rl-trainer"
 
@@ -219,11 +220,7 @@ class TrainerGroup:
 
     def shutdown(self) -> None:
         """Kill the ranks; stop Ray if the cluster was started for this job here."""
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:
-                pass
+        kill_actors(self.actors)
         self.actors = []
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
