@@ -119,13 +119,14 @@ def cmd_pretrain(args) -> int:
                     raise RecipeError("stage 'mar' needs a VAE: run stage 'vae' first or set vae.checkpoint")
             _, metrics = train_mar(p.mar, dataset, vae, out, image_size=recipe.data.image_size, **common)
         elif stage == "classifier":
-            from marval_rl.eval.fid import build_embedded_evaluators
+            from marval_rl.pretrain.classifier import build_embedded_evaluators
 
-            metrics = build_embedded_evaluators(p.classifier, recipe.data, out)
+            metrics = build_embedded_evaluators(p.classifier, recipe.data, out, checkpoint_every=p.checkpoint_every)
         else:
-            from marval_rl.rewards.embedded_clip import train_embedded_clip
+            from marval_rl.pretrain.clip import train_embedded_clip
 
-            metrics = train_embedded_clip(p.clip, recipe.data, out / "clip", seed=p.seed)
+            metrics = train_embedded_clip(p.clip, recipe.data, out / "clip", seed=p.seed,
+                                          checkpoint_every=p.checkpoint_every)
         summary[stage] = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                           "minutes": round((time.perf_counter() - t0) / 60, 2)}
         print(f"[{stage}] done in {summary[stage]['minutes']} min")
@@ -138,7 +139,8 @@ def cmd_distill(args) -> int:
     from marval_rl.distill.trainer import check_section, distill
     from marval_rl.loading import check_vae_section, generator_config, load_generator, load_vae
     from marval_rl.pretrain.common import check_data_section
-    from marval_rl.pretrain.mar import LatentBatches, check_pair
+    from marval_rl.data.batches import LatentBatches
+    from marval_rl.pretrain.mar import check_pair
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_output_dir(recipe.output_dir)
@@ -192,7 +194,6 @@ def token_sampler_for(model, head_steps):
 
 
 def cmd_evaluate(args) -> int:
-    from marval_rl.eval.classifier import EmojiClassifier  # noqa: F401  (registers the architecture)
     from marval_rl.eval.evaluate import format_table, generate_images, score_images
     from marval_rl.eval.fid import FIDProxy
     from marval_rl.loading import load_generator, load_vae

@@ -68,7 +68,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """AdamW + linear warm-up then constant lr, grad clipping, EMA (MAR's recipe, scaled down)."""
+    """AdamW + linear warm-up then a constant (MAR's recipe) or cosine lr, grad clipping, EMA (training.py)."""
     steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
@@ -77,6 +77,7 @@ class OptimSection:
     warmup_steps: int = 100
     grad_clip: float = 3.0
     ema: float = 0.999
+    schedule: str = "constant"         # after the warm-up: constant | cosine (decay to 0 at `steps`)
 
 
 @dataclass
@@ -104,16 +105,18 @@ class MARTrainSection:
 @dataclass
 class ClassifierTrainSection:
     optim: OptimSection = field(default_factory=lambda: OptimSection(steps=1500, lr=2e-3, weight_decay=0.01,
-                                                                    warmup_steps=50, ema=0.0, batch_size=128))
+                                                                    warmup_steps=50, ema=0.0, batch_size=128,
+                                                                    schedule="cosine"))
     test_per_class: int = 16
 
 
 @dataclass
 class ClipTrainSection:
     """The embedded CLIP (open_clip architecture, tiny config) trained contrastively on emoji renders."""
-    config: dict = field(default_factory=dict)   # model config overrides; defaults live in rewards/embedded_clip.py
+    config: dict = field(default_factory=dict)   # model config overrides; defaults live in models/embedded_clip.py
     optim: OptimSection = field(default_factory=lambda: OptimSection(steps=600, lr=2e-3, weight_decay=0.1,
-                                                                    warmup_steps=50, ema=0.0, batch_size=112))
+                                                                    warmup_steps=50, ema=0.0, batch_size=112,
+                                                                    schedule="cosine"))
     test_per_class: int = 16
 
 
@@ -425,7 +428,8 @@ def check_optim(o: "OptimSection", key: str, min_steps: int = 1) -> None:
     rules = [("steps", o.steps >= min_steps, f">= {min_steps}"), ("batch_size", o.batch_size >= 1, ">= 1"),
              ("lr", o.lr > 0, "> 0"), ("weight_decay", o.weight_decay >= 0, ">= 0"),
              ("warmup_steps", o.warmup_steps >= 0, ">= 0"), ("grad_clip", o.grad_clip >= 0, ">= 0 (0 = off)"),
-             ("ema", 0 <= o.ema < 1, "in [0, 1) (0 = off)")]
+             ("ema", 0 <= o.ema < 1, "in [0, 1) (0 = off)"),
+             ("schedule", o.schedule in ("constant", "cosine"), "constant or cosine")]
     for name, ok, rule in rules:
         if not ok:
             raise RecipeError(f"{key}.{name} must be {rule}, got {getattr(o, name)}")

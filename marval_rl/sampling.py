@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from marval_rl.models.diffusion import GaussianDiffusion
+from marval_rl.models.head import DiffusionSampler  # noqa: F401  (the teacher's token sampler; re-exported)
 
 
 class RandomStream:
@@ -60,45 +60,6 @@ class TokenSampler(Protocol):
 
     def __call__(self, z_cond: torch.Tensor, z_uncond: torch.Tensor | None, cfg: float,
                  temperature: float, randn: Callable[[tuple], torch.Tensor]) -> torch.Tensor: ...
-
-
-class DiffusionSampler:
-    """The teacher's token sampler: MAR's ancestral diffusion chain (100 respaced steps by default).
-
-    ``num_steps=1`` is not an ancestral chain (that needs >= 2 steps): it is one denoiser call at
-    t = 999 returning the implied x0 = (x_T - sqrt(1 - ab) eps) / sqrt(ab). That is what a 100-step
-    head degrades to when asked for one step, the baseline a one-step student must beat.
-    """
-
-    def __init__(self, diffloss, num_steps: int | str | None = None):
-        if isinstance(num_steps, bool) or (_is_real(num_steps) and (num_steps != int(num_steps) or num_steps < 1)):
-            raise ValueError(f"num_steps (diffusion-head steps) must be an integer >= 1 or None (the model's), "
-                             f"got {num_steps!r}")
-        self.diffloss = diffloss
-        self.one_call = num_steps is not None and int(num_steps) == 1
-        self.diffusion = None if num_steps is None or self.one_call else GaussianDiffusion(str(num_steps))
-
-    def _one_call(self, z_cond, z_uncond, cfg, randn):
-        n, net = z_cond.shape[0], self.diffloss.net
-        x = randn((n, self.diffloss.in_channels))
-        t_top = self.diffloss.train_diffusion.num_timesteps - 1
-        t = torch.full((n,), t_top, dtype=torch.long, device=x.device)
-        if z_uncond is None:
-            eps = net(x, t, z_cond)[:, : x.shape[1]]
-        else:
-            eps = net.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z_cond, z_uncond]),
-                                       cfg)[:n, : x.shape[1]]
-        ab = float(self.diffloss.train_diffusion.alphas_cumprod[t_top])
-        x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5
-        return x0 if self.diffloss.clip_x0 is None else x0.clamp(-self.diffloss.clip_x0, self.diffloss.clip_x0)
-
-    def __call__(self, z_cond, z_uncond, cfg, temperature, randn):
-        if self.one_call:
-            return self._one_call(z_cond, z_uncond, cfg, randn)
-        z = z_cond if z_uncond is None else torch.cat([z_cond, z_uncond])
-        x = self.diffloss.sample(z, temperature=temperature, cfg=cfg, randn=randn,
-                                 diffusion=self.diffusion)
-        return x[: z_cond.shape[0]]
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Pieces every trainer shares: optimiser set-up, lr schedule, EMA, and exact-resume checkpoints.
+"""The one training loop every trainer that is not RL runs, and the pieces all trainers share.
+
+:func:`run_loop` drives a :class:`TrainStage` (VAE, MAR teacher, classifier, embedded CLIP, GSIM
+distillation): one weight-decay rule (:func:`param_groups`), one lr schedule (:func:`lr_at`), one
+:class:`EMA`, one training-state file. The RL trainer (rl/trainer.py) shares the optimiser, schedule and
+EMA, not the loop (its steps are rollouts, replays and update rules).
 
 Exact resume: all randomness of a run comes from one ``torch.Generator`` (batches, masks, noise)
 plus torch's global RNG (dropout); both states are saved with the weights, the optimiser and the
@@ -9,27 +14,35 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from marval_rl.config import OptimSection
-from marval_rl.models.checkpoints import atomic_write, torch_load_safely
+from marval_rl.models.checkpoints import (CheckpointError, atomic_write, load_state_dict_strict, remove_stale_temps,
+                                          torch_load_safely)
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_prefixes: tuple[str, ...] = (),
+def param_groups(model: nn.Module, weight_decay: float, no_decay_containing: tuple[str, ...] = (),
                  lr_scale=None):
-    """AdamW groups: no decay on biases, 1-D parameters (norms, gains) and the listed sub-modules.
+    """The one weight-decay rule: AdamW decays matrices only, never biases, 1-D parameters (norms,
+    gains) or parameters whose name contains one of ``no_decay_containing``.
 
-    MAR excludes its whole diffusion head from weight decay (``no_decay_prefixes=("diffloss",)``).
-    ``lr_scale(name) -> float`` splits the groups further by a per-parameter lr multiplier (kept in each
-    group as ``lr_scale`` and applied by :func:`set_lr`)."""
+    MAR excludes its whole diffusion head (``("diffloss.",)``), the embedded CLIP its token, positional
+    and class embeddings (``("embedding",)``). ``lr_scale(name) -> float`` splits the groups further by
+    a per-parameter lr multiplier (kept in each group as ``lr_scale`` and applied by :func:`set_lr`)."""
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name.startswith(no_decay_prefixes)
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in no_decay_containing)
         scale = float(lr_scale(name)) if lr_scale is not None else 1.0
         groups.setdefault((no_decay, scale), []).append(p)
     if lr_scale is None:  # the historical two groups, in this order (optimizer state of old checkpoints)
@@ -39,20 +52,29 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_prefixes: tuple
             for (nd, sc), ps in sorted(groups.items())]
 
 
-def make_optimizer(model: nn.Module, optim: OptimSection, no_decay_prefixes=(), lr_scale=None) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, optim: OptimSection, no_decay_containing=(), lr_scale=None) -> torch.optim.AdamW:
     if optim.lr <= 0 or optim.batch_size < 1:
         raise ValueError(f"optim needs lr > 0 and batch_size >= 1; got lr={optim.lr}, "
                          f"batch_size={optim.batch_size}")
-    groups = param_groups(model, optim.weight_decay, no_decay_prefixes, lr_scale)
+    groups = param_groups(model, optim.weight_decay, no_decay_containing, lr_scale)
     for g in groups:
         g["lr"] = optim.lr * g.get("lr_scale", 1.0)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def lr_at(step: int, optim: OptimSection) -> float:
-    """Linear warm-up, then constant (MAR's schedule)."""
+    """Linear warm-up over ``warmup_steps``, then ``schedule``: constant (MAR's schedule, for long EMA'd
+    runs) or cosine decay to 0 at ``steps`` (for a model that is shipped as trained: the evaluators)."""
     if optim.warmup_steps > 0 and step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "cosine":
+        t = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
+        return optim.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    if optim.schedule != "constant":
+        raise ValueError(f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {optim.schedule!r}")
     return optim.lr
 
 
@@ -62,29 +84,49 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float):
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (decay per optimiser step)."""
+    """Exponential moving average of a model's parameters (decay per optimiser step).
 
-    def __init__(self, model: nn.Module, decay: float):
+    ``names``: average only these parameters (the RL trainer's trained subset); ``buffers``: average the
+    floating-point buffers too (BatchNorm statistics) and copy the others, so the shipped copy's
+    statistics match its weights."""
+
+    def __init__(self, model: nn.Module, decay: float, names=None, buffers: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.decay, self.buffers = decay, buffers
+        wanted = None if names is None else set(names)
+        self.shadow = {n: v.detach().clone() for n, v in self._tensors(model) if wanted is None or n in wanted}
+
+    def _tensors(self, model: nn.Module):
+        yield from model.named_parameters()
+        if self.buffers:
+            yield from model.named_buffers()
 
     @torch.no_grad()
     def update(self, model: nn.Module):
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
+        for n, v in self._tensors(model):
+            if n not in self.shadow:
+                continue
+            if v.is_floating_point():
+                self.shadow[n].lerp_(v.detach(), 1.0 - self.decay)
+            else:
+                self.shadow[n].copy_(v)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> nn.Module:
         """Write the EMA weights into ``module`` (a model of the same structure)."""
-        for n, p in module.named_parameters():
-            p.copy_(self.shadow[n])
+        for n, v in self._tensors(module):
+            if n in self.shadow:
+                v.copy_(self.shadow[n])
         return module
 
     def averaged_copy(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` carrying the EMA weights (the model itself is untouched)."""
         return self.copy_to(copy.deepcopy(model))
+
+    def items(self):
+        """(name, averaged tensor) pairs."""
+        return self.shadow.items()
 
     def state_dict(self) -> dict:
         return dict(self.shadow)
@@ -97,30 +139,170 @@ class EMA:
             self.shadow[n].copy_(state[n])
 
 
-def save_training_state(path: str | Path, *, step: int, model: nn.Module, optimizer, generator,
-                        ema: EMA | None = None, extra: dict | None = None) -> Path:
+# ----------------------------------------------------------------------------------- the loop
+@dataclass
+class Trainable:
+    """One module a stage trains, with its own optimiser section (AdamW, lr schedule, clip, EMA).
+
+    ``after_step``: run after each optimiser step (the embedded CLIP clamps its logit scale there)."""
+    name: str
+    module: nn.Module
+    optim: OptimSection
+    no_decay_containing: tuple[str, ...] = ()
+    ema_buffers: bool = False
+    after_step: Callable[[], None] | None = None
+
+    def __post_init__(self):
+        self.optimizer = make_optimizer(self.module, self.optim, self.no_decay_containing)
+        self.ema = EMA(self.module, self.optim.ema, buffers=self.ema_buffers) if self.optim.ema > 0 else None
+
+    def update(self, loss: torch.Tensor) -> float:
+        """zero_grad, backward, clip, step, EMA; returns the pre-clip gradient norm (0 with clipping off)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim.grad_clip) \
+            if self.optim.grad_clip > 0 else torch.tensor(0.0)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.module)
+        if self.after_step is not None:
+            self.after_step()
+        return float(norm)
+
+    def shipped(self) -> nn.Module:
+        """What gets saved and sampled: an EMA copy when ``optim.ema > 0``, else the module itself."""
+        return self.ema.averaged_copy(self.module) if self.ema is not None else self.module
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else {}}
+
+    def load_state_dict(self, state: dict, source: str):
+        load_state_dict_strict(self.module, state["model"], f"{source}['{self.name}']")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+
+
+class TrainStage(Protocol):
+    """What a trainer stage provides; :func:`run_loop` does everything else (lr, updates, EMA, logs,
+    samples, checkpoints, resume).
+
+    ``step`` computes this step's loss(es) from the run's generator and hands each to
+    ``update(name, loss)``, which steps that trainable and returns its gradient norm; a stage with
+    two players (GSIM: the auxiliary score, then the student) calls it once per update, in order.
+    It returns the metrics to log. ``sample(step, shipped)`` (optional) writes a grid from the shipped
+    (EMA) modules, by name."""
+    name: str
+    trainables: list[Trainable]
+
+    def step(self, step: int, generator: torch.Generator, update: Callable[[str, torch.Tensor], float]) -> dict: ...
+
+
+class LossStage:
+    """A stage with one trainable ``model`` and one loss: ``loss_fn(step, generator) -> (loss, info)``."""
+
+    def __init__(self, name: str, trainable: Trainable, loss_fn, on_sample=None):
+        self.name, self.trainables, self.loss_fn, self.on_sample = name, [trainable], loss_fn, on_sample
+
+    def step(self, step, generator, update) -> dict:
+        loss, info = self.loss_fn(step, generator)
+        grad_norm = update(self.trainables[0].name, loss)
+        return {"loss": loss.item(), "grad_norm": grad_norm,
+                **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in info.items()}}
+
+    def sample(self, step: int, shipped: dict) -> None:
+        if self.on_sample is not None:
+            self.on_sample(step, shipped[self.trainables[0].name])
+
+
+def save_training_state(path: str | Path, *, step: int, trainables: list[Trainable], generator,
+                        extra: dict | None = None) -> Path:
     """Everything needed to continue exactly where we are, in one atomically written file."""
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-             "ema": ema.state_dict() if ema is not None else {}, "extra": extra or {}}
+    state = {"step": step, "trainables": {t.name: t.state_dict() for t in trainables},
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "extra": extra or {}}
     path = Path(path)
     atomic_write(path, lambda p: torch.save(state, p))
     return path
 
 
-def load_training_state(path: str | Path, *, model: nn.Module, optimizer, generator,
-                        ema: EMA | None = None) -> dict:
+def load_training_state(path: str | Path, *, trainables: list[Trainable], generator) -> dict:
     """Restore what :func:`save_training_state` wrote; returns the state (``step``, ``extra``)."""
     state = torch_load_safely(path)
-    from marval_rl.models.checkpoints import load_state_dict_strict
-
-    load_state_dict_strict(model, state["model"], f"{path}['model']")
-    optimizer.load_state_dict(state["optimizer"])
+    if not isinstance(state, dict) or "trainables" not in state:
+        raise CheckpointError(f"{path} is not a training state of this marval-rl version (no 'trainables'; "
+                              f"states written before the shared training loop do not resume: start afresh)")
+    names = sorted(t.name for t in trainables)
+    if sorted(state["trainables"]) != names:
+        raise CheckpointError(f"{path} holds trainables {sorted(state['trainables'])}, this stage trains {names}")
+    for t in trainables:
+        t.load_state_dict(state["trainables"][t.name], str(path))
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
-    if ema is not None and state["ema"]:
-        ema.load_state_dict(state["ema"])
     return state
+
+
+def run_loop(stage: TrainStage, out_dir: Path, *, generator: torch.Generator, log_every: int,
+             checkpoint_every: int, sample_every: int = 0, progress: bool = True,
+             resume_from: Path | None = None) -> tuple[dict, dict]:
+    """Train ``stage`` for its first trainable's ``optim.steps`` steps; resume if a state exists.
+
+    Files in ``out_dir``: ``{name}_train_state.pt`` (every ``checkpoint_every`` steps and at the end;
+    0 = never) and ``{name}_metrics.jsonl`` (every ``log_every`` steps and the
+    last). ``resume_from``: a state file of another folder to continue from (its log rows up to that
+    step come along). Returns the shipped modules by name (EMA copies, eval mode) and the last
+    logged metrics."""
+    name, trainables = stage.name, stage.trainables
+    by_name = {t.name: t for t in trainables}
+    steps = trainables[0].optim.steps
+    if steps < 1:
+        raise ValueError(f"[{name}] optim.steps must be >= 1, got {steps}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    state_path, log_path = out_dir / f"{name}_train_state.pt", out_dir / f"{name}_metrics.jsonl"
+    source = Path(resume_from) if resume_from is not None else (state_path if state_path.is_file() else None)
+    start = 0
+    if source is not None:
+        start = load_training_state(source, trainables=trainables, generator=generator)["step"]
+        if source.parent.resolve() != out_dir.resolve() and (source.parent / log_path.name).is_file():
+            shutil.copyfile(source.parent / log_path.name, log_path)
+        print(f"[{name}] resuming from step {start} ({source})")
+    sync_log(log_path, "step", start)
+
+    def update(trainable: str, loss: torch.Tensor) -> float:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[{name}] {trainable} loss is {loss.item()} at step {step}; lower the lr "
+                                     f"or check the data")
+        return by_name[trainable].update(loss)
+
+    metrics: dict = {}
+    for t in trainables:
+        t.module.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not progress)
+    t0 = time.perf_counter()
+    for step in bar:
+        for t in trainables:
+            set_lr(t.optimizer, lr_at(step, t.optim))
+        info = stage.step(step, generator, update)
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            metrics = {"step": done, "lr": trainables[0].optimizer.param_groups[0]["lr"],
+                       "seconds": time.perf_counter() - t0, **info}
+            first = next(iter(info), None)
+            if first is not None:
+                bar.set_postfix({first: f"{info[first]:.4f}"})
+            with open(log_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if sample_every and hasattr(stage, "sample") and (done % sample_every == 0 or done == steps):
+            shipped = {t.name: t.shipped().eval() for t in trainables}
+            with torch.no_grad():
+                stage.sample(done, shipped)
+            for t in trainables:
+                t.module.train()
+        if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+            save_training_state(state_path, step=done, trainables=trainables, generator=generator)
+    return {t.name: t.shipped().eval() for t in trainables}, metrics
 
 
 def sync_log(path: str | Path, key: str, upto: int) -> None:

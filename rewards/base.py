@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from marval_rl.models.preprocess import normalize, resize_center_crop
+
 __all__ = ["RewardError", "RewardModel", "resize_center_crop", "normalize", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -186,73 +188,7 @@ class RewardModel(nn.Module):
         return f"name={self.name!r}, differentiable={self.differentiable}, set_level={self.set_level}"
 
 
-# ---------------------------------------------------------------------- preprocessing in torch
-def _size_pair(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
-
-
-def resize_center_crop(images: torch.Tensor, size: int | tuple[int, int], crop: int | tuple[int, int] | None = None,
-                       mode: str = "bicubic", resize_mode: str = "shortest", crop_rounding: str = "round",
-                       clamp: bool = True) -> torch.Tensor:
-    """Differentiable equivalent of ``Resize(size) -> CenterCrop(crop)`` on images in [0, 1].
-
-    ``resize_mode``: "shortest" (the shorter side becomes ``size``, the longer ``int(size * long / short)``,
-    torchvision's and the HF processors' rule), "longest" (fit inside, then centre-pad is *not* done; used
-    only by squash-free configs) or "squash" (resize both sides to ``size``). Resampling uses torch's
-    antialiased kernels, which follow PIL's filters, so downscaling does not alias. ``crop_rounding``:
-    "round" (torchvision's CenterCrop) or "floor" (the HF slow image processors). ``clamp`` mimics the
-    uint8 rounding range of PIL output.
-    """
-    h, w = images.shape[-2:]
-    if resize_mode == "shortest":
-        s = size if isinstance(size, int) else min(size)
-        short, long = (h, w) if h <= w else (w, h)
-        new_short, new_long = s, int(s * long / short)
-        new_hw = (new_short, new_long) if h <= w else (new_long, new_short)
-    elif resize_mode == "longest":
-        s = size if isinstance(size, int) else max(size)
-        scale = s / max(h, w)
-        new_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
-    elif resize_mode == "squash":
-        new_hw = _size_pair(size)
-    else:
-        raise ValueError(f"unknown resize_mode {resize_mode!r} (shortest | longest | squash)")
-    x = images
-    if tuple(new_hw) != (h, w):
-        smooth = mode in ("bilinear", "bicubic")
-        kw = dict(mode=mode, antialias=smooth, align_corners=False if smooth else None)
-        if smooth and clamp and new_hw[0] != h and new_hw[1] != w:
-            # PIL resamples horizontally, then vertically, clipping to the pixel range in between; doing the
-            # same brings bicubic overshoot at sharp edges in line with it (max error 1/255 instead of ~7/255).
-            x = F.interpolate(x, size=(h, new_hw[1]), **kw).clamp(0, 1)
-            x = F.interpolate(x, size=new_hw, **kw)
-        else:
-            x = F.interpolate(x, size=new_hw, **kw)
-        if clamp:
-            x = x.clamp(0, 1)
-    if crop is not None:
-        ch, cw = _size_pair(crop)
-        h, w = x.shape[-2:]
-        if (ch, cw) != (h, w):
-            if ch > h or cw > w:  # torchvision pads with zeros when the crop is larger than the image
-                pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
-                x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-                h, w = x.shape[-2:]
-            if crop_rounding == "round":
-                top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-            else:
-                top, left = (h - ch) // 2, (w - cw) // 2
-            x = x[..., top:top + ch, left:left + cw]
-    return x
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
+# preprocessing lives with the evaluator networks (models/preprocess.py); re-exported here for rewards
 
 
 def interpolation_name(value: Any) -> str:

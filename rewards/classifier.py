@@ -16,6 +16,10 @@ from pathlib import Path
 
 import torch
 
+from marval_rl.config import asset_path
+from marval_rl.data.emoji import emoji_classes
+from marval_rl.models.checkpoints import CheckpointError, load_pretrained, load_state_dict_strict, torch_load_safely
+
 from .base import RewardError, RewardModel, normalize, resize_center_crop
 
 __all__ = ["ClassifierReward", "EfficientNetClassifierReward", "load_efficientnet_lite0", "EfficientNetLite0Features",
@@ -26,14 +30,10 @@ EFFICIENTNET_EXTRA = ("EfficientNet-Lite0 needs the optional packages efficientn
 
 
 def default_classifier_path() -> str:
-    from marval_rl.config import asset_path
-
     return asset_path("embedded/classifier")
 
 
 def load_emoji_classifier(path: str | None = None, device: str = "cpu"):
-    from marval_rl.models.checkpoints import CheckpointError, load_pretrained
-
     path = Path(path or default_classifier_path())
     if not (path / "config.json").is_file():
         raise RewardError(f"classifier checkpoint not found: {path} (expected config.json + model.safetensors)")
@@ -78,8 +78,6 @@ def load_efficientnet_lite0(device: str = "cpu"):
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
         raise RewardError(f"{EFFICIENTNET_EXTRA} ({e})") from e
-    from marval_rl.models.checkpoints import CheckpointError, load_state_dict_strict, torch_load_safely
-
     path = EfficientnetLite0ModelFile.get_model_file_path()
     try:
         sd = torch_load_safely(path)
@@ -135,8 +133,6 @@ class EfficientNetClassifierReward(RewardModel):
         self.model = EfficientNetLite0Features(image_size, device)
         self.class_space, self.over, self.log_prob = class_space, over, bool(log_prob)
         if class_space == "emoji":
-            from marval_rl.data.emoji import emoji_classes
-
             self.register_buffer("imagenet_ids", torch.tensor([c.imagenet_index for c in emoji_classes()]),
                                  persistent=False)
         self.freeze()

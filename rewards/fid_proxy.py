@@ -50,6 +50,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from marval_rl.config import asset_path
+from marval_rl.eval.fid import classifier_fingerprint, compute_reference_stats, feature_moments, load_reference_stats
+
 from .base import RewardError, RewardModel, resize_center_crop
 
 __all__ = ["FIDProxyReward", "frechet_distance_torch", "loo_frechet_distances", "fid_credit", "CREDITS",
@@ -164,8 +167,6 @@ def compute_feature_stats(net: nn.Module, images: torch.Tensor, out_dir: str | P
                           provenance: dict | None = None, batch_size: int = 128) -> dict:
     """Reference statistics of ``images`` (uint8 or [0, 1] float) under ``net``: the dict format of
     :func:`marval_rl.eval.fid.load_reference_stats`; written to ``out_dir`` when given."""
-    from marval_rl.eval.fid import compute_reference_stats, feature_moments, load_reference_stats
-
     adapter = _Adapter(net)
     if out_dir is not None:
         compute_reference_stats(adapter, images, out_dir, provenance=provenance, batch_size=batch_size)
@@ -192,8 +193,6 @@ class FIDProxyReward(RewardModel):
                  scale: float = 1.0, image_size: int | None = None, check_fingerprint: bool = True,
                  device: str = "cpu"):
         super().__init__()
-        from marval_rl.eval.fid import classifier_fingerprint, load_reference_stats
-
         if credit not in CREDITS:
             raise RewardError(f"fid_proxy: credit must be one of {', '.join(CREDITS)}, got {credit!r}")
         self.net = _feature_net(features, classifier, image_size, device)
@@ -209,8 +208,6 @@ class FIDProxyReward(RewardModel):
             if classifier is not None:
                 raise RewardError("fid_proxy: a custom classifier needs its own stats= (the shipped stats belong to "
                                   "the shipped classifier)")
-            from marval_rl.config import asset_path
-
             stats = asset_path("embedded/fid")
         if not isinstance(stats, dict):
             path = Path(stats)

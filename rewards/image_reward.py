@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from marval_rl.hub import WEIGHTS, HubError, fetch_hint, parse_hub_id, resolve
+from marval_rl.models.checkpoints import CheckpointError, torch_load_safely
 
 from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RewardError, RewardModel, chunks, normalize, resize_center_crop
 
@@ -199,8 +200,6 @@ class ImageReward(RewardModel):
                  vision_heads: int | None = None, image_size: int | None = None, random_init: bool = False,
                  precision: str = "fp32", device: str = "cpu", batch_size: int | None = None, max_length: int = 35):
         super().__init__()
-        from marval_rl.models.checkpoints import CheckpointError, torch_load_safely
-
         from .clip_score import _dtype
 
         if med_config is None and _repo_of(checkpoint):

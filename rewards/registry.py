@@ -17,6 +17,8 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from marval_rl.plugins import load_file_module
+
 from .base import RewardError, RewardModel
 
 __all__ = ["REWARDS", "build_reward", "resolve_reward_class", "known_rewards", "SPEC_KEYS"]
@@ -44,8 +46,6 @@ def known_rewards() -> list[str]:
 
 
 def _load_file_module(path: Path):
-    from marval_rl.plugins import load_file_module
-
     try:
         return load_file_module(path, prefix="rewards_user")
     except ImportError as e:

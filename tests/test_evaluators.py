@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from marval_rl.config import ClassifierTrainSection, DataSection, OptimSection, asset_path
-from marval_rl.eval.classifier import ClassifierConfig, EmojiClassifier, evaluate_accuracy, train_classifier
+from marval_rl.eval.classifier import evaluate_accuracy
+from marval_rl.models.classifier import ClassifierConfig, EmojiClassifier
+from marval_rl.pretrain.classifier import train_classifier
 from marval_rl.eval.fid import (FIDProxy, blur3x3, compute_reference_stats, feature_moments, frechet_distance,
                                 load_reference_stats)
 from marval_rl.models.checkpoints import CheckpointError, load_pretrained

@@ -303,7 +303,7 @@ def test_embedded_clip_prefers_the_right_prompt(embedded_clip, held_out):
         other = embedded_clip(images, class_prompts(wrong, names, template))
         assert (right > other).float().mean() >= 0.95, template
     # zero-shot accuracy on held-out *full* renders (other backgrounds, strong jitter), as trained
-    from marval_rl.rewards.embedded_clip import zero_shot_eval
+    from marval_rl.eval.zero_shot import zero_shot_eval
     full = EmojiDataset("test", image_size=32, per_class=4, seed=3, augment="full")
     assert zero_shot_eval(embedded_clip.model, full.images, full.labels, names)["accuracy"] >= 0.9
     meta = json.loads((Path(embedded_clip.path) / "config.json").read_text())["metadata"]

@@ -11,30 +11,26 @@ One step:
      one t per token and takes the pseudo-Huber norm per token; ``"sample"`` draws one t per sample
      and takes the norm over all of that sample's masked tokens (the theorem's setting in both cases:
      one diffusion time per variable the norm is taken over).
-Checkpoints hold student, S_phi, both optimisers, the EMA, the generator and the step: a killed run
-resumes exactly. The EMA student is what gets saved as the policy.
+The loop is the shared one (training.run_loop): its training state holds both trainables (the
+student's trained part and S_phi) with their optimisers and the student's EMA, the generator and the
+step, so a killed run resumes exactly. The EMA student is what gets saved as the policy.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
-import shutil
-import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from marval_rl.config import DistillSection
 from marval_rl.distill.gsim import gsim_loss_eps
 from marval_rl.eval.images import save_grid
-from marval_rl.models.checkpoints import (atomic_write, load_state_dict_strict, remove_stale_temps, save_pretrained,
-                                          torch_load_safely)
+from marval_rl.models.checkpoints import save_pretrained
 from marval_rl.models.mar import MAR
 from marval_rl.models.one_step import MARVAL
 from marval_rl.sampling import sample_tokens
-from marval_rl.training import EMA, lr_at, make_optimizer, set_lr, sync_log
+from marval_rl.training import Trainable, run_loop
 
 
 def check_section(s: DistillSection) -> None:
@@ -68,7 +64,10 @@ def check_section(s: DistillSection) -> None:
 
 
 class GSIMDistiller:
-    """Holds teacher (frozen), student, auxiliary score and their optimisers; one call = one step."""
+    """The distillation stage of the shared loop (training.run_loop): teacher (frozen), student and
+    auxiliary score, the two trainables ``generator`` and ``fake``; :meth:`step` is one GSIM step."""
+
+    name = "distill"
 
     def __init__(self, teacher: MAR, section: DistillSection):
         if type(teacher) is not MAR:
@@ -81,10 +80,11 @@ class GSIMDistiller:
         self.trainable = self.student if section.train_backbone else self.student.one_step
         self.trainable.requires_grad_(True)
         self.fake = copy.deepcopy(teacher.diffloss.net).train().requires_grad_(True)
-        self.opt_g = make_optimizer(self.trainable, section.generator_optim)
-        self.opt_f = make_optimizer(self.fake, section.fake_optim)
-        # EMA over what trains only (for MAR-B the frozen backbone is 170M parameters).
-        self.ema = EMA(self.trainable, section.generator_optim.ema) if section.generator_optim.ema > 0 else None
+        # The generator's EMA covers what trains only (for MAR-B the frozen backbone is 170M parameters).
+        self.trainables = [Trainable("generator", self.trainable, section.generator_optim),
+                           Trainable("fake", self.fake, section.fake_optim)]
+        # set by distill(): where step() draws real latents from, and what sample() decodes with / writes to
+        self.batches = self.vae = self.out_dir = None
         tables = teacher.diffloss.train_diffusion
         self.sqrt_ab = tables.sqrt_alphas_cumprod.float()
         self.sigma = tables.sqrt_one_minus_alphas_cumprod.float()
@@ -108,17 +108,12 @@ class GSIMDistiller:
         return torch.randn(shape, generator=gen, device=gen.device).to(dev)
 
     # ------------------------------------------------------------------------------ steps
-    def fake_step(self, x: torch.Tensor, z_c: torch.Tensor, gen: torch.Generator) -> float:
+    def fake_loss(self, x: torch.Tensor, z_c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The auxiliary score's diffusion (eps-MSE) loss on student tokens ``x`` (detached)."""
         t = torch.randint(0, 1000, (len(x),), generator=gen, device=gen.device).to(x.device)
         eps = self._rand(x.shape, gen, x.device)
         x_t = self.sqrt_ab.to(x.device)[t, None] * x + self.sigma.to(x.device)[t, None] * eps
-        loss = (self.fake(x_t, t, z_c)[:, : self.C] - eps).square().mean()
-        self.opt_f.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.s.fake_optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.fake.parameters(), self.s.fake_optim.grad_clip)
-        self.opt_f.step()
-        return loss.item()
+        return (self.fake(x_t, t, z_c)[:, : self.C] - eps).square().mean()
 
     def draw_timesteps(self, rows: int, bsz: int, gen: torch.Generator, dev) -> torch.Tensor:
         """Generator-loss times for ``rows`` masked tokens (batch-major, ``rows // bsz`` per sample):
@@ -159,56 +154,39 @@ class GSIMDistiller:
         gap = (eps_teacher - eps_fake).square().sum(-1).sqrt().mean()
         return loss.mean(), {"score_gap": gap.item()}
 
-    def step(self, step: int, latents, labels, gen) -> dict:
-        set_lr(self.opt_g, lr_at(step, self.s.generator_optim))
-        set_lr(self.opt_f, lr_at(step, self.s.fake_optim))
+    def step(self, step: int, gen: torch.Generator, update) -> dict:
+        latents, labels = self.batches.sample(self.s.generator_optim.batch_size, gen, self.teacher.device)
         z_c, z_u, z_s, bsz = self.context(latents, labels, gen)
         noise = self._rand((len(z_c), self.C), gen, z_c.device)
         x = self.student.one_step(noise, z_s)
-        fake_losses = [self.fake_step(x.detach(), z_c, gen)]
+        fake_losses = [self.fake_loss(x.detach(), z_c, gen)]
+        update("fake", fake_losses[0])
         for _ in range(self.s.fake_steps_per_gen - 1):
             with torch.no_grad():
                 x2 = self.student.one_step(self._rand((len(z_c), self.C), gen, z_c.device), z_s)
-            fake_losses.append(self.fake_step(x2, z_c, gen))
+            fake_losses.append(self.fake_loss(x2, z_c, gen))
+            update("fake", fake_losses[-1])
         loss, info = self.generator_loss(x, z_c, z_u, bsz, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"GSIM loss is {loss.item()} at step {step}")
-        self.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.s.generator_optim.grad_clip) \
-            if self.s.generator_optim.grad_clip > 0 else torch.tensor(0.0)
-        self.opt_g.step()
-        if self.ema is not None:
-            self.ema.update(self.trainable)
-        return {"gsim_loss": loss.item(), "fake_loss": sum(fake_losses) / len(fake_losses),
-                "grad_norm": float(gnorm), "x_std": x.detach().std().item(), **info}
+        grad_norm = update("generator", loss)
+        return {"gsim_loss": loss.item(), "fake_loss": sum(f.item() for f in fake_losses) / len(fake_losses),
+                "grad_norm": grad_norm, "x_std": x.detach().std().item(), **info}
 
-    def shipped_student(self) -> MARVAL:
-        """A copy of the student carrying the EMA weights: the policy that gets saved and sampled."""
+    def sample(self, step: int, shipped: dict) -> None:
+        """A grid of the EMA student (``distill.sample_every``)."""
+        student = self.shipped_student(shipped["generator"])
+        grid_labels = torch.arange(min(16, self.teacher.config.class_num))
+        res = sample_tokens(student, labels=grid_labels, num_iter=min(8, student.seq_len),
+                            generator=torch.Generator().manual_seed(0), record_noise=False)
+        save_grid(self.vae.decode_images(res.tokens), self.out_dir / "samples" / f"student_{step:06d}.png", nrow=8)
+
+    def shipped_student(self, trained=None) -> MARVAL:
+        """A copy of the student carrying ``trained`` (the shipped generator trainable, its EMA copy):
+        the policy that gets saved and sampled."""
         out = copy.deepcopy(self.student).eval()
-        if self.ema is not None:
-            self.ema.copy_to(out if self.s.train_backbone else out.one_step)
+        if trained is not None:
+            target = out if self.s.train_backbone else out.one_step
+            target.load_state_dict(trained.state_dict())
         return out
-
-    # ------------------------------------------------------------------------- checkpoints
-    def save_state(self, path: Path, step: int, gen: torch.Generator):
-        state = {"step": step, "student": self.student.state_dict(), "fake": self.fake.state_dict(),
-                 "opt_g": self.opt_g.state_dict(), "opt_f": self.opt_f.state_dict(),
-                 "ema": self.ema.state_dict() if self.ema is not None else {},
-                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}
-        atomic_write(path, lambda p: torch.save(state, p))
-
-    def load_state(self, path: Path, gen: torch.Generator) -> int:
-        state = torch_load_safely(path)
-        load_state_dict_strict(self.student, state["student"], f"{path}['student']")
-        load_state_dict_strict(self.fake, state["fake"], f"{path}['fake']")
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_f.load_state_dict(state["opt_f"])
-        if self.ema is not None and state["ema"]:
-            self.ema.load_state_dict(state["ema"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        return int(state["step"])
 
 
 def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
@@ -216,44 +194,12 @@ def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
     """Run (or resume) GSIM distillation on ``batches`` (a :class:`LatentBatches`); writes
     ``out_dir/student`` (the EMA policy). ``resume_from``: a state file of another folder to continue
     (its log rows up to that step come along)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     d = GSIMDistiller(teacher, section)
-    gen = torch.Generator().manual_seed(section.seed)
+    d.batches, d.vae, d.out_dir = batches, vae, Path(out_dir)
     torch.manual_seed(section.seed)
-    state_path, log_path = out_dir / "distill_train_state.pt", out_dir / "distill_metrics.jsonl"
-    remove_stale_temps(out_dir)
-    source = Path(resume_from) if resume_from is not None else (state_path if state_path.is_file() else None)
-    start = d.load_state(source, gen) if source is not None else 0
-    if source is not None and source.parent.resolve() != out_dir.resolve() and \
-            (source.parent / log_path.name).is_file():
-        shutil.copyfile(source.parent / log_path.name, log_path)
-    sync_log(log_path, "step", start)
-    if start:
-        print(f"[distill] resuming from step {start} ({source})")
-    opt = section.generator_optim
-    dev = teacher.device
-    grid_labels = torch.arange(min(16, teacher.config.class_num))
-    metrics, t0 = {}, time.perf_counter()
-    bar = tqdm(range(start, opt.steps), initial=start, total=opt.steps, desc="distill", disable=not progress)
-    for step in bar:
-        latents, labels = batches.sample(opt.batch_size, gen, dev)
-        info = d.step(step, latents, labels, gen)
-        done = step + 1
-        if done % section.log_every == 0 or done == opt.steps:
-            metrics = {"step": done, "seconds": time.perf_counter() - t0, **info}
-            bar.set_postfix(gsim=f"{info['gsim_loss']:.3f}", fake=f"{info['fake_loss']:.3f}")
-            with open(log_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        if section.sample_every and (done % section.sample_every == 0 or done == opt.steps):
-            student = d.shipped_student()
-            with torch.no_grad():
-                res = sample_tokens(student, labels=grid_labels, num_iter=min(8, student.seq_len),
-                                    generator=torch.Generator().manual_seed(0), record_noise=False)
-                save_grid(vae.decode_images(res.tokens),
-                          out_dir / "samples" / f"student_{done:06d}.png", nrow=8)
-        if section.checkpoint_every and (done % section.checkpoint_every == 0 or done == opt.steps):
-            d.save_state(state_path, done, gen)
-    student = d.shipped_student()
-    save_pretrained(student, out_dir / "student", metadata={"stage": "distill", **metrics})
+    shipped, metrics = run_loop(d, out_dir, generator=torch.Generator().manual_seed(section.seed),
+                                log_every=section.log_every, checkpoint_every=section.checkpoint_every,
+                                sample_every=section.sample_every, progress=progress, resume_from=resume_from)
+    student = d.shipped_student(shipped["generator"])
+    save_pretrained(student, Path(out_dir) / "student", metadata={"stage": "distill", **metrics})
     return student, metrics

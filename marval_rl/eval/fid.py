@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from marval_rl.eval.classifier import check_images
+from marval_rl.models.preprocess import check_images
 
 STATS_FILE = "stats.safetensors"
 INFO_FILE = "stats.json"
@@ -190,35 +190,3 @@ def blur3x3(images: torch.Tensor) -> torch.Tensor:
     """3x3 box blur with replicate padding: the standard 'degraded' control for the FID proxy."""
     x = torch.nn.functional.pad(images, [1, 1, 1, 1], mode="replicate")
     return torch.nn.functional.avg_pool2d(x, 3, stride=1)
-
-
-def build_embedded_evaluators(train_section, data_section, out_root, seed: int = 0,
-                              progress: bool = True, log=print) -> dict:
-    """Train the classifier into ``out_root/classifier`` and write FID stats into ``out_root/fid``.
-
-    Reference images: held-out *test* renders (64 per class) with the "light" augmentation preset,
-    because generators are trained on light renders; "full" renders (random backgrounds, big
-    rotations) would make even a perfect generator look far from the reference.
-    Returns the classifier metrics plus sanity FID-proxy values (real < blurred < noise).
-    """
-    from marval_rl.data.emoji import EmojiDataset
-    from marval_rl.eval.classifier import train_classifier
-
-    out_root = Path(out_root)
-    model, metrics = train_classifier(train_section, data_section, out_root / "classifier", seed=seed,
-                                      progress=progress, log=log)
-    ref_kw = dict(image_size=data_section.image_size, per_class=64, augment="light")
-    ref = EmojiDataset("test", seed=data_section.seed, **ref_kw)
-    compute_reference_stats(model, ref.images, out_root / "fid", provenance={
-        "images": f"EmojiDataset('test', per_class=64, augment='light', seed={data_section.seed}, "
-                  f"image_size={data_section.image_size})",
-        "why_light": "generators are trained on light renders"})
-    # Sanity: a second, different-seed real set must score far below its degraded versions.
-    fid = FIDProxy(model, out_root / "fid")
-    real = EmojiDataset("test", seed=data_section.seed + 1, **ref_kw).images.float() / 255
-    metrics["fid_real"] = fid.score(real)
-    metrics["fid_blur3x3"] = fid.score(blur3x3(real))
-    metrics["fid_uniform_noise"] = fid.score(torch.rand(real.shape, generator=torch.Generator().manual_seed(0)))
-    log(f"FID-proxy sanity: real {metrics['fid_real']:.3f}, blurred {metrics['fid_blur3x3']:.3f}, "
-        f"uniform noise {metrics['fid_uniform_noise']:.1f}")
-    return metrics

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from marval_rl.models.architectures import ARCHITECTURES, architecture_name
+
 FORMAT_VERSION = 1
 
 
@@ -171,30 +173,12 @@ def load_official_vae(checkpoint_path: str | os.PathLike, config=None,
 
 
 # --------------------------------------------------------------------------- our own format
-# name -> "module:Class". A model class has ``config_class`` (with ``from_dict``) and ``.config``
-# (with ``to_dict``), or a ``checkpoint_config()`` method returning that dict. Imports are lazy so that loading a VAE does not import the RL stack.
-ARCHITECTURES: dict[str, str] = {
-    "mar": "marval_rl.models.mar:MAR",
-    "vae": "marval_rl.models.vae:AutoencoderKL",
-    "marval": "marval_rl.models.one_step:MARVAL",
-    "classifier": "marval_rl.eval.classifier:EmojiClassifier",
-    "clip": "marval_rl.rewards.embedded_clip:EmbeddedCLIP",
-}
-
-
-def _model_class(arch: str) -> type:
-    import importlib
-
-    module, name = ARCHITECTURES[arch].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def architecture_of(model: nn.Module) -> str:
-    for name in ARCHITECTURES:
-        if type(model) is _model_class(name):
-            return name
-    raise CheckpointError(f"no registered architecture for {type(model).__name__} "
-                          f"(add it to marval_rl.models.checkpoints.ARCHITECTURES)")
+    name = architecture_name(model)
+    if name is None:
+        raise CheckpointError(f"no registered architecture for {type(model).__name__} (decorate its class with "
+                              f"@marval_rl.models.architectures.register_architecture('name'))")
+    return name
 
 
 TEMP_SUFFIX = ".tmp"
@@ -292,8 +276,9 @@ def load_pretrained(directory: str | os.PathLike, expected: str | None = None,
     if expected is not None and arch != expected:
         raise CheckpointError(f"{directory} holds a '{arch}' checkpoint, but a '{expected}' is expected here")
     if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{directory}: unknown architecture '{arch}' (known: {sorted(ARCHITECTURES)})")
-    cls = _model_class(arch)
+        raise CheckpointError(f"{directory}: unknown architecture '{arch}' (known: {sorted(ARCHITECTURES)}; "
+                              f"a class of your own registers when its module is imported)")
+    cls = ARCHITECTURES[arch]
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights}")

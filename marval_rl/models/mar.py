@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from marval_rl.models.head import DiffLoss
+from marval_rl.models.architectures import register_architecture
+from marval_rl.models.head import DiffLoss, DiffusionSampler
 from marval_rl.models.transformer import Block
 
 
@@ -115,6 +116,7 @@ def resolve_mar_config(config: "MARConfig | dict | str | None" = None, **overrid
     return MARConfig.from_dict({**(config or {}), **overrides})
 
 
+@register_architecture("mar")
 class MAR(nn.Module):
     config_class = MARConfig
 
@@ -333,8 +335,6 @@ class MAR(nn.Module):
 
     def default_token_sampler(self):
         """The token sampler generation uses unless told otherwise: the 100-step diffusion chain."""
-        from marval_rl.sampling import DiffusionSampler
-
         return DiffusionSampler(self.diffloss)
 
     @property

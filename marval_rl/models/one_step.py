@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from marval_rl.models.architectures import register_architecture
 from marval_rl.models.diffusion import cosine_betas
 from marval_rl.models.head import SimpleMLPAdaLN
 from marval_rl.models.mar import MAR, MARConfig
@@ -98,6 +99,7 @@ class MARVALConfig:
         return cls(**d)
 
 
+@register_architecture("marval")
 class MARVAL(MAR):
     """A MAR backbone (official key names) + ``one_step`` head; no 100-step diffusion head."""
 

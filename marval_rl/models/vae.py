@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from marval_rl.models.architectures import register_architecture
+
 __all__ = ["VAEConfig", "DiagonalGaussian", "AutoencoderKL", "kl16_config", "build_vae"]
 
 
@@ -278,6 +280,7 @@ class Decoder(nn.Module):
 
 
 # ---- Autoencoder ----------------------------------------------------------------------------------------------
+@register_architecture("vae")
 class AutoencoderKL(nn.Module):
     """Encoder + decoder with the KL latent interface used by MAR (see module docstring)."""
 

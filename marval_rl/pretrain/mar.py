@@ -16,8 +16,9 @@ from marval_rl.config import MARTrainSection
 from marval_rl.eval.images import save_grid
 from marval_rl.models.checkpoints import save_pretrained
 from marval_rl.models.mar import MAR, MARConfig
-from marval_rl.models.vae import AutoencoderKL, DiagonalGaussian
-from marval_rl.pretrain.common import collate, run_loop
+from marval_rl.data.batches import LatentBatches
+from marval_rl.models.vae import AutoencoderKL
+from marval_rl.training import LossStage, Trainable, run_loop
 from marval_rl.sampling import sample_tokens
 
 
@@ -28,68 +29,6 @@ def check_pair(config: MARConfig, vae: AutoencoderKL, image_size: int | None = N
                          f"channels, the VAE makes stride {vae.config.stride} with {vae.config.embed_dim}")
     if image_size is not None and config.img_size != image_size:
         raise ValueError(f"MAR img_size {config.img_size} differs from the data's image_size {image_size}")
-
-
-@torch.no_grad()
-def cache_moments(vae: AutoencoderKL, dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior moments [N, 2, 2C, h, w] of every image (index 0) and its horizontal flip (index 1)."""
-    device = next(vae.parameters()).device
-    moments, labels = [], []
-    for i in range(0, len(dataset), batch_size):
-        x, y = collate(dataset, torch.arange(i, min(i + batch_size, len(dataset))))
-        x = x.to(device)
-        moments.append(torch.stack([vae.encode(x).moments, vae.encode(x.flip(-1)).moments], 1).cpu())
-        labels.append(y)
-    return torch.cat(moments), torch.cat(labels)
-
-
-def dataset_moments(dataset, vae: AutoencoderKL) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moments [N, 2, 2C, h, w] and labels of a dataset: read from a latent cache, or encoded now."""
-    from marval_rl.data.sources import CachedLatentSource
-
-    if isinstance(dataset, CachedLatentSource):
-        if dataset.moments.shape[2] != 2 * vae.config.embed_dim:
-            raise ValueError(f"cached latents have {dataset.moments.shape[2] // 2} channels, the VAE "
-                             f"{vae.config.embed_dim}: the cache was made with another VAE")
-        return dataset.moments, dataset.labels
-    if len(dataset) == 0:
-        raise ValueError("the dataset is empty")
-    return cache_moments(vae, dataset)
-
-
-class LatentBatches:
-    """Batches of scaled VAE latents for training: from cached moments, or encoded on the fly.
-
-    Small datasets (the emoji set, a cache file) keep every image's moments and its flip's in memory
-    and draw one of the two plus a posterior sample per step. Datasets larger than ``max_cached``
-    images (ImageNet as an ImageFolder) are encoded batch by batch instead, as MAR does without a
-    latent cache; the flip then comes from the dataset's own augmentation.
-    """
-
-    def __init__(self, dataset, vae: AutoencoderKL, max_cached: int = 200_000):
-        from marval_rl.data.sources import CachedLatentSource
-
-        if len(dataset) == 0:
-            raise ValueError("the dataset is empty")
-        self.dataset, self.vae, self.scale = dataset, vae, vae.config.latent_scale
-        self.cached = isinstance(dataset, CachedLatentSource) or len(dataset) <= max_cached
-        self.moments = self.labels = None
-        if self.cached:
-            self.moments, self.labels = dataset_moments(dataset, vae)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def sample(self, batch_size: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randperm(len(self), generator=gen)[:batch_size]
-        if self.cached:
-            flip = torch.randint(0, 2, (len(idx),), generator=gen)
-            post, labels = DiagonalGaussian(self.moments[idx, flip]), self.labels[idx]
-        else:
-            images, labels = collate(self.dataset, idx)
-            with torch.no_grad():
-                post = self.vae.encode(images.to(device))
-        return (post.sample(gen) * self.scale).to(device), labels.to(device)
 
 
 def train_mar(section: MARTrainSection, dataset, vae: AutoencoderKL, out_dir: Path, *, seed: int,
@@ -117,9 +56,11 @@ def train_mar(section: MARTrainSection, dataset, vae: AutoencoderKL, out_dir: Pa
         images = vae.decode_images(res.tokens)
         save_grid(images, out_dir / "samples" / f"mar_samples_{step:06d}.png", nrow=8)
 
-    teacher, metrics = run_loop(name="mar", model=model, optim=section.optim, out_dir=out_dir,
-                                loss_fn=loss_fn, generator=generator, log_every=log_every,
-                                checkpoint_every=checkpoint_every, sample_every=sample_every,
-                                on_sample=on_sample, no_decay_prefixes=("diffloss",), progress=progress)
+    # MAR: no weight decay anywhere in the diffusion head
+    stage = LossStage("mar", Trainable("mar", model, section.optim, no_decay_containing=("diffloss.",)),
+                      loss_fn, on_sample)
+    shipped, metrics = run_loop(stage, out_dir, generator=generator, log_every=log_every,
+                                checkpoint_every=checkpoint_every, sample_every=sample_every, progress=progress)
+    teacher = shipped["mar"]
     save_pretrained(teacher, out_dir / "teacher", metadata={"stage": "mar", "ema": section.optim.ema, **metrics})
     return teacher, metrics

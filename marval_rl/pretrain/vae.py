@@ -15,7 +15,8 @@ from marval_rl.config import DataSection, VAETrainSection
 from marval_rl.eval.images import save_grid
 from marval_rl.models.checkpoints import save_pretrained
 from marval_rl.models.vae import AutoencoderKL, VAEConfig
-from marval_rl.pretrain.common import collate, run_loop
+from marval_rl.data.batches import collate
+from marval_rl.training import LossStage, Trainable, run_loop
 
 
 @torch.no_grad()
@@ -56,9 +57,10 @@ def train_vae(section: VAETrainSection, data: DataSection, dataset, out_dir: Pat
         save_grid(torch.cat([fixed, rec]).add(1).div(2), out_dir / "samples" / f"vae_recon_{step:06d}.png",
                   nrow=len(fixed))
 
-    vae, metrics = run_loop(name="vae", model=vae, optim=section.optim, out_dir=out_dir, loss_fn=loss_fn,
-                            generator=generator, log_every=log_every, checkpoint_every=checkpoint_every,
-                            sample_every=sample_every, on_sample=on_sample, progress=progress)
+    stage = LossStage("vae", Trainable("vae", vae, section.optim), loss_fn, on_sample)
+    shipped, metrics = run_loop(stage, out_dir, generator=generator, log_every=log_every,
+                                checkpoint_every=checkpoint_every, sample_every=sample_every, progress=progress)
+    vae = shipped["vae"]
     if section.auto_latent_scale:
         std = measure_latent_std(vae, dataset, torch.Generator().manual_seed(seed))
         vae.config.latent_scale = round(1.0 / std, 4)

@@ -23,7 +23,7 @@ from marval_rl.rl.batch import PolicyWeights, RolloutBatch
 from marval_rl.rl.policy import GaussianPolicySampler, PolicyView, trainable_names
 from marval_rl.rl.update_rules import resolve_update_rule
 from marval_rl.sampling import sample_tokens
-from marval_rl.training import lr_at, make_optimizer, set_lr
+from marval_rl.training import EMA, lr_at, make_optimizer, set_lr
 
 
 def explore_std(section: TrainSection) -> float:
@@ -56,7 +56,7 @@ class RLTrainer:
         if not 0.0 <= section.optim.ema < 1.0:
             raise ValueError(f"train.optim.ema must be in [0, 1) (0 = off), got {section.optim.ema}")
         # EMA of the trained parameters (train.optim.ema > 0): what the fixed eval scores and what is saved
-        self.ema = {n: params[n].detach().clone() for n in self.names} if section.optim.ema > 0 else None
+        self.ema = EMA(policy, section.optim.ema, names=self.names) if section.optim.ema > 0 else None
         self.version = 0
         self.reward_std: float | None = None   # running per-sample std of the optimised reward
         # precision: the replays and decodes run under the rollouts' autocast (same kernels, so on-policy
@@ -83,20 +83,13 @@ class RLTrainer:
     def weights(self, averaged: bool = False) -> PolicyWeights:
         """The trained parameters at this version (their EMA with ``averaged`` when train.optim.ema > 0)."""
         if averaged and self.ema is not None:
-            return PolicyWeights.of(self.version, self.ema)
+            return PolicyWeights.of(self.version, self.ema.shadow)
         params = dict(self.policy.named_parameters())
         return PolicyWeights.of(self.version, {n: params[n] for n in self.names})
 
     def final_policy(self) -> MARVAL:
         """The policy to save: the live weights, or a copy carrying their EMA."""
-        if self.ema is None:
-            return self.policy
-        out = copy.deepcopy(self.policy)
-        params = dict(out.named_parameters())
-        with torch.no_grad():
-            for n, v in self.ema.items():
-                params[n].copy_(v)
-        return out
+        return self.policy if self.ema is None else self.ema.averaged_copy(self.policy)
 
     # ------------------------------------------------------------------ tools of the update rules
     def sampler(self, batch: RolloutBatch, actions=None, with_reference: bool = False) -> GaussianPolicySampler:
@@ -149,10 +142,7 @@ class RLTrainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            params = dict(self.policy.named_parameters())
-            with torch.no_grad():
-                for n, v in self.ema.items():
-                    v.lerp_(params[n].detach(), 1.0 - self.s.optim.ema)
+            self.ema.update(self.policy)
         check_in_sync(self.policy)
         return float(norm)
 
@@ -169,7 +159,7 @@ class RLTrainer:
     def state_dict(self) -> dict:
         params = dict(self.policy.named_parameters())
         return {"trainable": {n: params[n].detach().clone() for n in self.names},
-                "optimizer": self.optimizer.state_dict(), "version": self.version, "ema": self.ema or {},
+                "optimizer": self.optimizer.state_dict(), "version": self.version, "ema": self.ema.state_dict() if self.ema is not None else {},
                 "reward_std": -1.0 if self.reward_std is None else self.reward_std,
                 **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})}
 
@@ -190,7 +180,7 @@ class RLTrainer:
         if self.ema is not None:
             if set(state.get("ema", {})) != set(self.names):
                 raise CheckpointError("RL state has no EMA of the trained parameters, but train.optim.ema > 0")
-            self.ema = {n: state["ema"][n].clone() for n in self.names}
+            self.ema.load_state_dict(state["ema"])
         self.version = int(state["version"])
         if self.scaler.is_enabled() and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
