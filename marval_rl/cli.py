@@ -160,7 +160,7 @@ def cmd_distill(args) -> int:
     batches = LatentBatches(build_source(recipe.data, "train"), vae)
     t0 = time.perf_counter()
     write_run_record(out, recipe, "distill")
-    _, metrics = distill(teacher, vae, batches, recipe.distill, out,
+    _, metrics = distill(teacher, vae, batches, recipe.distill, out, precision=recipe.precision,
                          resume_from=resume_source(args.resume, "distill") if args.resume else None)
     print(json.dumps({"output_dir": recipe.output_dir, "student": str(Path(recipe.output_dir) / "student"),
                       "minutes": round((time.perf_counter() - t0) / 60, 2),

@@ -144,25 +144,32 @@ class EMA:
 class Trainable:
     """One module a stage trains, with its own optimiser section (AdamW, lr schedule, clip, EMA).
 
-    ``after_step``: run after each optimiser step (the embedded CLIP clamps its logit scale there)."""
+    ``after_step``: run after each optimiser step (the embedded CLIP clamps its logit scale there).
+    ``loss_scaling``: scale the loss for the backward pass and unscale before clipping (fp16 autocast,
+    whose small gradients would otherwise flush to zero); a step with inf/NaN gradients is skipped."""
     name: str
     module: nn.Module
     optim: OptimSection
     no_decay_containing: tuple[str, ...] = ()
     ema_buffers: bool = False
     after_step: Callable[[], None] | None = None
+    loss_scaling: bool = False
 
     def __post_init__(self):
         self.optimizer = make_optimizer(self.module, self.optim, self.no_decay_containing)
         self.ema = EMA(self.module, self.optim.ema, buffers=self.ema_buffers) if self.optim.ema > 0 else None
+        device = next(self.module.parameters()).device.type
+        self.scaler = torch.amp.GradScaler(device, enabled=self.loss_scaling)
 
     def update(self, loss: torch.Tensor) -> float:
         """zero_grad, backward, clip, step, EMA; returns the pre-clip gradient norm (0 with clipping off)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)       # (no-op without loss scaling)
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim.grad_clip) \
             if self.optim.grad_clip > 0 else torch.tensor(0.0)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.module)
         if self.after_step is not None:
@@ -175,13 +182,16 @@ class Trainable:
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else {}}
+                "ema": self.ema.state_dict() if self.ema is not None else {},
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})}
 
     def load_state_dict(self, state: dict, source: str):
         load_state_dict_strict(self.module, state["model"], f"{source}['{self.name}']")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"]:
             self.ema.load_state_dict(state["ema"])
+        if self.scaler.is_enabled() and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
 
 
 class TrainStage(Protocol):

@@ -18,11 +18,13 @@ step, so a killed run resumes exactly. The EMA student is what gets saved as the
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from pathlib import Path
 
 import torch
 
+from marval_rl.acceleration import autocast
 from marval_rl.config import DistillSection
 from marval_rl.distill.gsim import gsim_loss_eps
 from marval_rl.eval.images import save_grid
@@ -69,7 +71,7 @@ class GSIMDistiller:
 
     name = "distill"
 
-    def __init__(self, teacher: MAR, section: DistillSection):
+    def __init__(self, teacher: MAR, section: DistillSection, precision: str = "fp32"):
         if type(teacher) is not MAR:
             raise ValueError(f"the teacher must be a MAR with its diffusion head, got {type(teacher).__name__} "
                             f"(a MARVAL student checkpoint was given where a teacher is expected?)")
@@ -80,9 +82,13 @@ class GSIMDistiller:
         self.trainable = self.student if section.train_backbone else self.student.one_step
         self.trainable.requires_grad_(True)
         self.fake = copy.deepcopy(teacher.diffloss.net).train().requires_grad_(True)
+        # precision: the teacher, student and S_phi passes run under autocast (fp32 master weights, Adam
+        # state and EMA; the losses are formed in fp32); fp16 also scales each player's loss
+        self.precision = precision
+        scaled = precision == "fp16"
         # The generator's EMA covers what trains only (for MAR-B the frozen backbone is 170M parameters).
-        self.trainables = [Trainable("generator", self.trainable, section.generator_optim),
-                           Trainable("fake", self.fake, section.fake_optim)]
+        self.trainables = [Trainable("generator", self.trainable, section.generator_optim, loss_scaling=scaled),
+                           Trainable("fake", self.fake, section.fake_optim, loss_scaling=scaled)]
         # set by distill(): where step() draws real latents from, and what sample() decodes with / writes to
         self.batches = self.vae = self.out_dir = None
         tables = teacher.diffloss.train_diffusion
@@ -113,7 +119,7 @@ class GSIMDistiller:
         t = torch.randint(0, 1000, (len(x),), generator=gen, device=gen.device).to(x.device)
         eps = self._rand(x.shape, gen, x.device)
         x_t = self.sqrt_ab.to(x.device)[t, None] * x + self.sigma.to(x.device)[t, None] * eps
-        return (self.fake(x_t, t, z_c)[:, : self.C] - eps).square().mean()
+        return (self.fake(x_t, t, z_c)[:, : self.C].float() - eps).square().mean()
 
     def draw_timesteps(self, rows: int, bsz: int, gen: torch.Generator, dev) -> torch.Tensor:
         """Generator-loss times for ``rows`` masked tokens (batch-major, ``rows // bsz`` per sample):
@@ -133,10 +139,10 @@ class GSIMDistiller:
         sigma = self.sigma.to(dev)[t, None]
         x_t = self.sqrt_ab.to(dev)[t, None] * x + sigma * eps
         out = self.teacher.diffloss.net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([z_c, z_u]))
-        eps_c, eps_u = out[:, : self.C].chunk(2)
+        eps_c, eps_u = out[:, : self.C].float().chunk(2)
         eps_teacher = eps_u + s.cfg * (eps_c - eps_u)        # MAR's CFG: cfg = 1 is the conditional eps
         self.fake.requires_grad_(False)
-        eps_fake = self.fake(x_t, t, z_c)[:, : self.C]
+        eps_fake = self.fake(x_t, t, z_c)[:, : self.C].float()
         self.fake.requires_grad_(True)
         weight = sigma.squeeze(1) if s.time_weight == "sigma" else None
         if s.huber_axis == "token":
@@ -155,18 +161,24 @@ class GSIMDistiller:
         return loss.mean(), {"score_gap": gap.item()}
 
     def step(self, step: int, gen: torch.Generator, update) -> dict:
+        """One GSIM step: S_phi update(s) on the current student samples, then the student's update.
+        Forward passes run under ``precision``'s autocast; each ``update`` (backward, step) outside it."""
+        amp = functools.partial(autocast, self.precision, self.teacher.device)
         latents, labels = self.batches.sample(self.s.generator_optim.batch_size, gen, self.teacher.device)
-        z_c, z_u, z_s, bsz = self.context(latents, labels, gen)
-        noise = self._rand((len(z_c), self.C), gen, z_c.device)
-        x = self.student.one_step(noise, z_s)
-        fake_losses = [self.fake_loss(x.detach(), z_c, gen)]
+        with amp():
+            z_c, z_u, z_s, bsz = self.context(latents, labels, gen)
+            noise = self._rand((len(z_c), self.C), gen, z_c.device)
+            x = self.student.one_step(noise, z_s)
+            fake_losses = [self.fake_loss(x.detach(), z_c, gen)]
         update("fake", fake_losses[0])
         for _ in range(self.s.fake_steps_per_gen - 1):
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 x2 = self.student.one_step(self._rand((len(z_c), self.C), gen, z_c.device), z_s)
-            fake_losses.append(self.fake_loss(x2, z_c, gen))
+            with amp():
+                fake_losses.append(self.fake_loss(x2, z_c, gen))
             update("fake", fake_losses[-1])
-        loss, info = self.generator_loss(x, z_c, z_u, bsz, gen)
+        with amp():
+            loss, info = self.generator_loss(x, z_c, z_u, bsz, gen)
         grad_norm = update("generator", loss)
         return {"gsim_loss": loss.item(), "fake_loss": sum(f.item() for f in fake_losses) / len(fake_losses),
                 "grad_norm": grad_norm, "x_std": x.detach().std().item(), **info}
@@ -190,11 +202,11 @@ class GSIMDistiller:
 
 
 def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
-            progress: bool = True, resume_from: Path | None = None) -> tuple[MARVAL, dict]:
+            progress: bool = True, resume_from: Path | None = None, precision: str = "fp32") -> tuple[MARVAL, dict]:
     """Run (or resume) GSIM distillation on ``batches`` (a :class:`LatentBatches`); writes
     ``out_dir/student`` (the EMA policy). ``resume_from``: a state file of another folder to continue
     (its log rows up to that step come along)."""
-    d = GSIMDistiller(teacher, section)
+    d = GSIMDistiller(teacher, section, precision)
     d.batches, d.vae, d.out_dir = batches, vae, Path(out_dir)
     torch.manual_seed(section.seed)
     shipped, metrics = run_loop(d, out_dir, generator=torch.Generator().manual_seed(section.seed),
