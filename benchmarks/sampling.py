@@ -4,6 +4,7 @@
     python benchmarks/sampling.py --num-iter 8 --batch 1           # quick CPU run
     python benchmarks/sampling.py --device cuda --batch 1 64 --num-iter 64 --cfg 1.0 2.9
     python benchmarks/sampling.py --precision fp32 bf16 --compile       # autocast and torch.compile rows
+    python benchmarks/sampling.py --precision fp32 bf16 --compile --compile-only student   # shorter on CPU
 
 ``--precision``: every generator runs under each autocast (float32 weights; the one-step head stays
 float32, see marval_rl/acceleration.py). ``--compile``: each precision also runs compiled (backbone
@@ -77,6 +78,9 @@ def main():
     ap.add_argument("--no-student", action="store_true", help="time the teacher only")
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--compile", action="store_true", help="also time compiled generators")
+    ap.add_argument("--compile-only", choices=["both", "student", "teacher"], default="both",
+                    help="with --compile: which generators get compiled rows (the teacher's 100-step head is the "
+                         "long part of a CPU run)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -110,11 +114,13 @@ def main():
     with torch.inference_mode():
         for precision, compiled in modes:
             mode = precision + (" compiled" if compiled else "")
-            teacher_m = compile_generator(copy.deepcopy(model)) if compiled else model
-            student_m = compile_generator(copy.deepcopy(student)) if compiled and student is not None else student
+            teacher_m = (compile_generator(copy.deepcopy(model)) if args.compile_only != "student" else None) \
+                if compiled else model
+            student_m = (compile_generator(copy.deepcopy(student)) if args.compile_only != "teacher" else None) \
+                if compiled and student is not None else student
             with autocast(precision, device):
                 t0 = time.perf_counter()   # warm-up (and, compiled, the compilation) on the largest shapes
-                for gm, smp in [(teacher_m, DiffusionSampler(teacher_m.diffloss, 2))] + \
+                for gm, smp in ([(teacher_m, DiffusionSampler(teacher_m.diffloss, 2))] if teacher_m is not None else []) + \
                         ([(student_m, OneStepSampler(student_m.one_step))] if student_m is not None else []):
                     # every batch size and, for the teacher, CFG's doubled batch: dynamic shapes still
                     # specialise sizes 0 and 1, so batch 1 and its CFG pair (2) are separate graphs
@@ -125,7 +131,7 @@ def main():
                 for bsz, k in itertools.product(args.batch, args.num_iter):
                     if student_m is not None:
                         run(student_m, OneStepSampler(student_m.one_step), bsz, k, 1.0, "one-step", 1, mode)
-                    for cfg, steps in itertools.product(args.cfg, args.head_steps):
+                    for cfg, steps in itertools.product(args.cfg, args.head_steps) if teacher_m is not None else ():
                         run(teacher_m, DiffusionSampler(teacher_m.diffloss, steps), bsz, k, cfg, "diffusion", steps, mode)
 
     def base(r, head):
