@@ -92,41 +92,20 @@ def cmd_sample(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from marval_rl.data import build_source
-    from marval_rl.loading import load_vae
+    from marval_rl.pretrain import PRETRAIN_STAGES, PretrainInputs
     from marval_rl.pretrain.common import check_pretrain_recipe
-    from marval_rl.pretrain.mar import train_mar
-    from marval_rl.pretrain.vae import train_vae
 
     recipe = load_recipe(args.recipe, args.overrides)
     p, out = recipe.pretrain, check_output_dir(recipe.output_dir)
     check_device(recipe.device)
     check_pretrain_recipe(recipe)
     prepare_output(recipe, "pretrain", args.overwrite)
-    common = dict(seed=p.seed, log_every=p.log_every, checkpoint_every=p.checkpoint_every,
-                  sample_every=p.sample_every, device=recipe.device)
-    dataset = build_source(recipe.data, "train") if {"vae", "mar"} & set(p.stages) else None
+    inputs = PretrainInputs(dataset=build_source(recipe.data, "train") if {"vae", "mar"} & set(p.stages) else None)
     summary: dict = {"output_dir": str(out)}
-    vae = None
     write_run_record(out, recipe, "pretrain")
     for stage in p.stages:
         t0 = time.perf_counter()
-        if stage == "vae":
-            vae, metrics = train_vae(p.vae, recipe.data, dataset, out, **common)
-        elif stage == "mar":
-            if vae is None:
-                vae = load_vae(recipe.vae, recipe.device)
-                if vae is None:
-                    raise RecipeError("stage 'mar' needs a VAE: run stage 'vae' first or set vae.checkpoint")
-            _, metrics = train_mar(p.mar, dataset, vae, out, image_size=recipe.data.image_size, **common)
-        elif stage == "classifier":
-            from marval_rl.pretrain.classifier import build_embedded_evaluators
-
-            metrics = build_embedded_evaluators(p.classifier, recipe.data, out, checkpoint_every=p.checkpoint_every)
-        else:
-            from marval_rl.pretrain.clip import train_embedded_clip
-
-            metrics = train_embedded_clip(p.clip, recipe.data, out / "clip", seed=p.seed,
-                                          checkpoint_every=p.checkpoint_every)
+        metrics = PRETRAIN_STAGES[stage](recipe, out, inputs)
         summary[stage] = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                           "minutes": round((time.perf_counter() - t0) / 60, 2)}
         print(f"[{stage}] done in {summary[stage]['minutes']} min")

@@ -173,3 +173,32 @@ def test_evaluator_stages_resume_exactly(stage, tmp_path, monkeypatch):
 
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_scaling_is_exact_and_clips_the_true_gradients():
+    # fp16's loss scaling, exercised on CPU in float32 where scaling by a power of two is exact: a scaler
+    # that is not unscaled before clipping (clips 65536x larger gradients), or whose step is skipped or
+    # doubled, ends on other weights than the unscaled update
+    def run(scaling):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        t = Trainable("m", model, OptimSection(steps=5, lr=1e-2, grad_clip=0.05, ema=0.0), loss_scaling=scaling)
+        g = torch.Generator().manual_seed(1)
+        norms = [t.update(model(torch.randn(16, 4, generator=g)).square().mean()) for _ in range(5)]
+        return model, norms, t
+
+    plain, n_plain, _ = run(False)
+    scaled, n_scaled, t = run(True)
+    assert t.scaler.is_enabled() and "grad_scaler" in t.state_dict()
+    assert n_scaled == n_plain and max(n_plain) > 0.05          # the clip was active
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_every_pretrain_stage_is_registered_where_it_is_defined():
+    # a stage named in the recipe checks but never registered would pass validation and then KeyError
+    from marval_rl.pretrain import PRETRAIN_STAGES
+    from marval_rl.pretrain.common import STAGES
+
+    assert sorted(PRETRAIN_STAGES) == sorted(STAGES)
+    assert all(fn.__module__ == f"marval_rl.pretrain.{name}" for name, fn in PRETRAIN_STAGES.items())

@@ -20,6 +20,7 @@ from marval_rl.eval.classifier import evaluate_accuracy
 from marval_rl.eval.fid import FIDProxy, blur3x3, compute_reference_stats
 from marval_rl.models.checkpoints import save_pretrained
 from marval_rl.models.classifier import ClassifierConfig, EmojiClassifier
+from marval_rl.pretrain.common import register_pretrain_stage
 from marval_rl.training import LossStage, Trainable, batch_indices, run_loop
 
 
@@ -93,3 +94,9 @@ def build_embedded_evaluators(train_section, data_section, out_root, seed: int =
     log(f"FID-proxy sanity: real {metrics['fid_real']:.3f}, blurred {metrics['fid_blur3x3']:.3f}, "
         f"uniform noise {metrics['fid_uniform_noise']:.1f}")
     return metrics
+
+
+@register_pretrain_stage("classifier")
+def classifier_stage(recipe, out_dir: Path, inputs) -> dict:
+    return build_embedded_evaluators(recipe.pretrain.classifier, recipe.data, out_dir,
+                                     checkpoint_every=recipe.pretrain.checkpoint_every)

@@ -20,6 +20,7 @@ from marval_rl.data.prompts import TRAIN_TEMPLATES, prompt
 from marval_rl.eval.zero_shot import zero_shot_eval
 from marval_rl.models.checkpoints import save_pretrained
 from marval_rl.models.embedded_clip import EmbeddedCLIP, EmbeddedCLIPConfig, build_vocab
+from marval_rl.pretrain.common import register_pretrain_stage
 from marval_rl.training import LossStage, Trainable, run_loop
 
 
@@ -105,3 +106,9 @@ def train_embedded_clip(section, data, out_dir, seed: int = 0, progress: bool = 
         f"{full['min_template_accuracy']:.4f}; light renders {light['accuracy']:.4f}) on {full['n']} "
         f"held-out renders; trained in {train_time:.0f} s; checkpoint {metrics['checkpoint_bytes'] / 1e6:.2f} MB")
     return metrics
+
+
+@register_pretrain_stage("clip")
+def clip_stage(recipe, out_dir: Path, inputs) -> dict:
+    return train_embedded_clip(recipe.pretrain.clip, recipe.data, Path(out_dir) / "clip", seed=recipe.pretrain.seed,
+                               checkpoint_every=recipe.pretrain.checkpoint_every)

@@ -1,12 +1,43 @@
-"""What the pretraining stages share besides the loop (training.run_loop): the recipe checks and batching."""
+"""What the pretraining stages share besides the loop (training.run_loop): the stage registry and the
+recipe checks.
+
+A stage of ``marval-rl pretrain`` registers its runner by name where it is defined
+(``@register_pretrain_stage("vae")``); the runner gets the recipe, the output folder and the
+:class:`PretrainInputs` earlier stages left (the VAE a ``mar`` stage needs) and returns its metrics.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-import torch
 
-
+# the order `pretrain.stages` lists them in the docs; every name here must be registered
 STAGES = ("vae", "mar", "classifier", "clip")
+PRETRAIN_STAGES: dict[str, Callable[[Any, Path, "PretrainInputs"], dict]] = {}
+
+
+@dataclass
+class PretrainInputs:
+    """What one ``marval-rl pretrain`` run's stages share: the training images (built once, for the
+    stages that read them) and the VAE a stage trained or loaded."""
+    dataset: Any = None
+    vae: Any = None
+
+
+def loop_settings(recipe) -> dict:
+    """The shared loop's settings for a stage, from the ``pretrain:`` section (and the device)."""
+    p = recipe.pretrain
+    return dict(seed=p.seed, log_every=p.log_every, checkpoint_every=p.checkpoint_every,
+                sample_every=p.sample_every, device=recipe.device)
+
+
+def register_pretrain_stage(name: str):
+    """Decorator: ``fn(recipe, out_dir, inputs) -> metrics`` runs stage ``name`` of ``marval-rl pretrain``."""
+    def register(fn):
+        PRETRAIN_STAGES[name] = fn
+        return fn
+    return register
 
 
 def check_data_section(d, key: str = "data", files: bool = True) -> None:

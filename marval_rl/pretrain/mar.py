@@ -16,8 +16,11 @@ from marval_rl.config import MARTrainSection
 from marval_rl.eval.images import save_grid
 from marval_rl.models.checkpoints import save_pretrained
 from marval_rl.models.mar import MAR, MARConfig
+from marval_rl.config import RecipeError
 from marval_rl.data.batches import LatentBatches
+from marval_rl.loading import load_vae
 from marval_rl.models.vae import AutoencoderKL
+from marval_rl.pretrain.common import loop_settings, register_pretrain_stage
 from marval_rl.training import LossStage, Trainable, run_loop
 from marval_rl.sampling import sample_tokens
 
@@ -64,3 +67,15 @@ def train_mar(section: MARTrainSection, dataset, vae: AutoencoderKL, out_dir: Pa
     teacher = shipped["mar"]
     save_pretrained(teacher, out_dir / "teacher", metadata={"stage": "mar", "ema": section.optim.ema, **metrics})
     return teacher, metrics
+
+
+@register_pretrain_stage("mar")
+def mar_stage(recipe, out_dir: Path, inputs) -> dict:
+    """Train the teacher on the VAE an earlier ``vae`` stage left, or the recipe's ``vae.checkpoint``."""
+    if inputs.vae is None:
+        inputs.vae = load_vae(recipe.vae, recipe.device)
+        if inputs.vae is None:
+            raise RecipeError("stage 'mar' needs a VAE: run stage 'vae' first or set vae.checkpoint")
+    _, metrics = train_mar(recipe.pretrain.mar, inputs.dataset, inputs.vae, out_dir,
+                           image_size=recipe.data.image_size, **loop_settings(recipe))
+    return metrics

@@ -16,6 +16,7 @@ from marval_rl.eval.images import save_grid
 from marval_rl.models.checkpoints import save_pretrained
 from marval_rl.models.vae import AutoencoderKL, VAEConfig
 from marval_rl.data.batches import collate
+from marval_rl.pretrain.common import loop_settings, register_pretrain_stage
 from marval_rl.training import LossStage, Trainable, run_loop
 
 
@@ -68,3 +69,9 @@ def train_vae(section: VAETrainSection, data: DataSection, dataset, out_dir: Pat
     metrics["latent_scale"] = vae.config.latent_scale
     save_pretrained(vae, out_dir / "vae", metadata={"stage": "vae", **metrics})
     return vae, metrics
+
+
+@register_pretrain_stage("vae")
+def vae_stage(recipe, out_dir: Path, inputs) -> dict:
+    inputs.vae, metrics = train_vae(recipe.pretrain.vae, recipe.data, inputs.dataset, out_dir, **loop_settings(recipe))
+    return metrics
