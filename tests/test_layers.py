@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # bottom to top; a module may import its own layer's other packages only where listed together
 LAYERS = [
-    {"marval_rl.recipe_schema"},
+    {"marval_rl.recipe_schema", "marval_rl.weights_table"},
     {"marval_rl.config", "marval_rl.plugins", "marval_rl.hub"},
     {"marval_rl.acceleration"},
     {"marval_rl.models"},
