@@ -25,12 +25,13 @@ from marval_rl.training import LossStage, Trainable, batch_indices, run_loop
 
 
 def train_classifier(section, data, out_dir, seed: int = 0, progress: bool = True, log=print,
-                     checkpoint_every: int = 0):
+                     checkpoint_every: int = 0, work_dir=None):
     """Train an EmojiClassifier on emoji-56 renders, evaluate it held out, save it to ``out_dir``.
 
     ``section``: config.ClassifierTrainSection; ``data``: config.DataSection (its image_size,
     per_class and seed; the train split always uses "full" augmentation). ``checkpoint_every``: write
-    the resumable training state that often (0: never). Returns (model, metrics).
+    the resumable training state that often (0: never) into ``work_dir`` (default ``out_dir``; the
+    CLI passes the run folder, so the checkpoint folder holds only what ships). Returns (model, metrics).
     """
     if getattr(data, "source", "emoji") != "emoji":
         raise ValueError(f"the embedded classifier trains on data.source='emoji' renders, got {data.source!r}")
@@ -50,7 +51,7 @@ def train_classifier(section, data, out_dir, seed: int = 0, progress: bool = Tru
 
     stage = LossStage("classifier", Trainable("classifier", model, section.optim, ema_buffers=True), loss_fn)
     out_dir = Path(out_dir)
-    shipped, last = run_loop(stage, out_dir, generator=torch.Generator().manual_seed(seed),
+    shipped, last = run_loop(stage, Path(work_dir or out_dir), generator=torch.Generator().manual_seed(seed),
                              log_every=max(1, section.optim.steps // 20), checkpoint_every=checkpoint_every,
                              progress=progress)
     model = shipped["classifier"]
@@ -78,7 +79,7 @@ def build_embedded_evaluators(train_section, data_section, out_root, seed: int =
     """
     out_root = Path(out_root)
     model, metrics = train_classifier(train_section, data_section, out_root / "classifier", seed=seed,
-                                      progress=progress, log=log, checkpoint_every=checkpoint_every)
+                                      progress=progress, log=log, checkpoint_every=checkpoint_every, work_dir=out_root)
     ref_kw = dict(image_size=data_section.image_size, per_class=64, augment="light")
     ref = EmojiDataset("test", seed=data_section.seed, **ref_kw)
     compute_reference_stats(model, ref.images, out_root / "fid", provenance={

@@ -34,12 +34,13 @@ def soft_clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def train_embedded_clip(section, data, out_dir, seed: int = 0, progress: bool = True, log=print,
-                        checkpoint_every: int = 0) -> dict:
+                        checkpoint_every: int = 0, work_dir=None) -> dict:
     """Train the embedded CLIP on emoji-56 renders and save it (``save_pretrained``) into ``out_dir``.
 
     ``section``: a :class:`marval_rl.config.ClipTrainSection` (``config`` overrides
     :class:`EmbeddedCLIPConfig` fields; ``optim`` steps / batch / lr / schedule / weight decay;
     ``test_per_class`` held-out renders per class). ``data``: a DataSection with ``source: emoji``.
+    ``checkpoint_every`` / ``work_dir``: the resumable training state, as in pretrain/classifier.py.
     Returns metrics (zero-shot accuracy on held-out renders of another seed stream, training time,
     checkpoint size, ...).
     """
@@ -77,7 +78,7 @@ def train_embedded_clip(section, data, out_dir, seed: int = 0, progress: bool = 
     stage = LossStage("clip", Trainable("clip", model, section.optim, no_decay_containing=("embedding",),
                                         after_step=clamp_logit_scale), loss_fn)
     out_dir = Path(out_dir)
-    shipped, last = run_loop(stage, out_dir, generator=torch.Generator().manual_seed(seed),
+    shipped, last = run_loop(stage, Path(work_dir or out_dir), generator=torch.Generator().manual_seed(seed),
                              log_every=max(1, section.optim.steps // 20), checkpoint_every=checkpoint_every,
                              progress=progress)
     model = shipped["clip"]
@@ -100,8 +101,7 @@ def train_embedded_clip(section, data, out_dir, seed: int = 0, progress: bool = 
     # to ~1e-3.
     save_pretrained(model.half(), out_dir, metadata={**metrics, "stored_dtype": "float16"})
     model.float()
-    metrics["checkpoint_bytes"] = sum(f.stat().st_size for f in out_dir.glob("model.safetensors")) + \
-        (out_dir / "config.json").stat().st_size
+    metrics["checkpoint_bytes"] = sum((out_dir / f).stat().st_size for f in ("model.safetensors", "config.json"))
     log(f"embedded CLIP: zero-shot accuracy {full['accuracy']:.4f} (ensemble; worst single template "
         f"{full['min_template_accuracy']:.4f}; light renders {light['accuracy']:.4f}) on {full['n']} "
         f"held-out renders; trained in {train_time:.0f} s; checkpoint {metrics['checkpoint_bytes'] / 1e6:.2f} MB")
@@ -111,4 +111,4 @@ def train_embedded_clip(section, data, out_dir, seed: int = 0, progress: bool = 
 @register_pretrain_stage("clip")
 def clip_stage(recipe, out_dir: Path, inputs) -> dict:
     return train_embedded_clip(recipe.pretrain.clip, recipe.data, Path(out_dir) / "clip", seed=recipe.pretrain.seed,
-                               checkpoint_every=recipe.pretrain.checkpoint_every)
+                               checkpoint_every=recipe.pretrain.checkpoint_every, work_dir=out_dir)
