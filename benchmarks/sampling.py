@@ -5,10 +5,13 @@
     python benchmarks/sampling.py --device cuda --batch 1 64 --num-iter 64 --cfg 1.0 2.9
     python benchmarks/sampling.py --precision fp32 bf16 --compile       # autocast and torch.compile rows
     python benchmarks/sampling.py --precision fp32 bf16 --compile --compile-only student   # shorter on CPU
+    python benchmarks/sampling.py --device cuda --compile --compile-mode default reduce-overhead  # + CUDA graphs
 
 ``--precision``: every generator runs under each autocast (float32 weights; the one-step head stays
 float32, see marval_rl/acceleration.py). ``--compile``: each precision also runs compiled (backbone
-and head, dynamic shapes; the compile time is reported separately, not in the per-image time).
+and head, dynamic shapes; the compile time is reported separately, not in the per-image time), once
+per ``--compile-mode`` (torch.compile's modes; ``reduce-overhead`` records CUDA graphs on a GPU).
+``--json`` is rewritten after every timed row, so a run stopped early keeps what it measured.
 Ratios in the table: the fp32 teacher's time at the same batch, K and highest cfg over this row's
 ("vs fp32 teacher"), the fp32 student's over this row's ("vs fp32 student"), and the row's backbone
 share of its own time ("backbone floor": 100% would mean the head costs nothing).
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from marval_rl.acceleration import autocast, compile_generator
+from marval_rl.acceleration import COMPILE_MODES, autocast, check_compile_mode, compile_generator
 from marval_rl.models import MAR
 from marval_rl.models.one_step import MARVAL, OneStepSampler
 from marval_rl.sampling import DiffusionSampler, sample_tokens
@@ -82,7 +85,9 @@ def main():
     ap.add_argument("--compile-only", choices=["both", "student", "teacher"], default="both",
                     help="with --compile: which generators get compiled rows (the teacher's 100-step head is the "
                          "long part of a CPU run)")
-    ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--compile-mode", nargs="+", default=["default"], choices=list(COMPILE_MODES),
+                    help="with --compile: torch.compile modes to time (reduce-overhead / max-autotune: CUDA graphs)")
+    ap.add_argument("--json", help="also write the rows to this JSON file (after every row)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = random_model(args.model, device, dtype)
@@ -106,19 +111,24 @@ def main():
                          per_image_s=total / bsz, backbone_s=total - timed.seconds, head_s=timed.seconds,
                          head_share=timed.seconds / total))
         r = rows[-1]
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"{mode:<13} batch {bsz:>3} K {k:>3} cfg {cfg:<4} {head} {steps:>3} steps: {r['per_image_s']:.3f} s/img "
               f"(backbone {r['backbone_s']:.2f} s, head {r['head_s']:.2f} s)", flush=True)
 
     import copy
 
-    modes = [(p, False) for p in args.precision] + ([(p, True) for p in args.precision] if args.compile else [])
+    for cm in args.compile_mode if args.compile else []:
+        check_compile_mode(cm, device)
+    modes = [(p, None) for p in args.precision] + \
+        ([(p, cm) for cm in args.compile_mode for p in args.precision] if args.compile else [])
     with torch.inference_mode():
         for precision, compiled in modes:
-            mode = precision + (" compiled" if compiled else "")
-            teacher_m = None if args.no_teacher else \
-                (compile_generator(copy.deepcopy(model)) if args.compile_only != "student" else None) if compiled else model
-            student_m = (compile_generator(copy.deepcopy(student)) if args.compile_only != "teacher" else None) \
-                if compiled and student is not None else student
+            mode = precision + ("" if compiled is None else " compiled" if compiled == "default" else f" {compiled}")
+            teacher_m = None if args.no_teacher else model if compiled is None else \
+                compile_generator(copy.deepcopy(model), compiled) if args.compile_only != "student" else None
+            student_m = student if compiled is None or student is None else \
+                compile_generator(copy.deepcopy(student), compiled) if args.compile_only != "teacher" else None
             with autocast(precision, device):
                 t0 = time.perf_counter()   # warm-up (and, compiled, the compilation) on the largest shapes
                 for gm, smp in ([(teacher_m, DiffusionSampler(teacher_m.diffloss, 2))] if teacher_m is not None else []) + \
@@ -129,10 +139,10 @@ def main():
                     # compiled: warm up at every timed K too, so every head row count (1 included, which
                     # dynamic shapes specialise) is compiled before the clock starts; the teacher's head
                     # runs 2 steps here, its shapes per AR step are those of the 100-step chain
-                    ks = sorted({2, *args.num_iter}) if compiled else [2]
+                    ks = sorted({2, *args.num_iter}) if compiled is not None else [2]
                     for b, cfg, k in itertools.product(sorted(set(args.batch)), sorted(set(cfgs)), ks):
                         sample_tokens(gm, labels=[0] * b, num_iter=k, cfg=cfg, token_sampler=smp)
-                print(f"# {mode}: warm-up{' and compilation' if compiled else ''} {time.perf_counter() - t0:.1f} s")
+                print(f"# {mode}: warm-up{'' if compiled is None else ' and compilation'} {time.perf_counter() - t0:.1f} s")
                 for bsz, k in itertools.product(args.batch, args.num_iter):
                     if student_m is not None:
                         run(student_m, OneStepSampler(student_m.one_step), bsz, k, 1.0, "one-step", 1, mode)

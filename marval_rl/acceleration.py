@@ -14,6 +14,14 @@ and the decoder, whose length is fixed, specialises anyway. It pays off only ove
 is off by default and applies to generation only (``sample``, ``evaluate``, rollout workers): the RL
 trainer's replays run eager, which is why a compiled rollout's on-policy ratio is 1 only up to rounding
 and the policy-gradient rule then reports the ratio instead of asserting it (``RLTrainer.exact_replay``).
+
+``compile_mode`` is torch.compile's ``mode``. On a GPU, ``reduce-overhead`` (and ``max-autotune``) also
+record CUDA graphs, which is where a batch-1 AR step wins most: it is a few hundred small kernels whose
+launch cost exceeds their work. With dynamic shapes, CUDA graph trees record one graph per distinct
+shape (at most K token counts per batch size), each once. A graph's outputs live in its memory pool and
+are overwritten by its next replay, and every AR step replays the decoder's graph: so in these modes
+each compiled call starts a new graph iteration and hands back a copy of its outputs
+(``_graph_safe_call``), which costs one small copy per call and keeps every token the loop stores its own.
 """
 from __future__ import annotations
 
@@ -63,10 +71,25 @@ def native_bf16_cpu() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def check_compile() -> None:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(mode: str, device: str | torch.device) -> None:
+    """``compile_mode`` is one of torch's, and a CUDA-graph mode runs on a CUDA device."""
+    if mode not in COMPILE_MODES:
+        raise PrecisionError(f"compile_mode={mode!r}: unknown mode; use one of {list(COMPILE_MODES)}")
+    if mode in CUDA_GRAPH_MODES and torch.device(device).type != "cuda":
+        raise PrecisionError(f"compile_mode={mode} records CUDA graphs, which needs device=cuda (got "
+                             f"device={torch.device(device).type}); use compile_mode=default there")
+
+
+def check_compile(mode: str = "default") -> None:
     """``compile=true`` needs torch.compile and, on CPU, a C++ compiler for the generated kernels."""
     import shutil
 
+    if mode not in COMPILE_MODES:
+        raise PrecisionError(f"compile_mode={mode!r}: unknown mode; use one of {list(COMPILE_MODES)}")
     if not hasattr(torch, "compile"):
         raise PrecisionError("compile=true needs torch >= 2.0 (torch.compile)")
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
@@ -74,14 +97,29 @@ def check_compile() -> None:
                              "on PATH; install one or use compile=false")
 
 
-def compile_generator(model):
+def _graph_safe_call(compiled):
+    """``compiled`` for CUDA-graph modes: a new graph iteration per call, outputs copied out of the pool."""
+    from torch.utils._pytree import tree_map
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, compiled(*args, **kwargs))
+    return call
+
+
+def compile_generator(model, mode: str = "default"):
     """Compile ``model``'s backbone (encoder, decoder) and token head in place; returns the model.
 
     The compiled functions live on the instance (not in its state dict), so checkpoints, weight
     syncing and ``load_state_dict`` are unchanged."""
-    check_compile()
-    model.forward_mae_encoder = torch.compile(model.forward_mae_encoder, dynamic=True)
-    model.forward_mae_decoder = torch.compile(model.forward_mae_decoder, dynamic=True)
+    check_compile(mode)
+
+    def compiled(fn):
+        fn = torch.compile(fn, dynamic=True, mode=mode)
+        return _graph_safe_call(fn) if mode in CUDA_GRAPH_MODES else fn
+
+    model.forward_mae_encoder = compiled(model.forward_mae_encoder)
+    model.forward_mae_decoder = compiled(model.forward_mae_decoder)
     head = model.one_step if hasattr(model, "one_step") else model.diffloss.net
-    head.forward = torch.compile(head.forward, dynamic=True)
+    head.forward = compiled(head.forward)
     return model

@@ -59,7 +59,7 @@ def cmd_sample(args) -> int:
     generator = torch.Generator().manual_seed(s.seed)
 
     if recipe.compile:
-        compile_generator(model)
+        compile_generator(model, recipe.compile_mode)
     latents, images, t0 = [], [], time.perf_counter()
     with torch.inference_mode(), autocast(recipe.precision, device):
         for i in tqdm(range(0, len(labels), s.batch_size), desc="sampling batches"):
@@ -190,7 +190,7 @@ def cmd_evaluate(args) -> int:
     classes = [int(c) for c in e.classes] or list(range(model.config.class_num))
     labels = [c for c in classes for _ in range(e.per_class)]
     if recipe.compile:
-        compile_generator(model)
+        compile_generator(model, recipe.compile_mode)
     with autocast(recipe.precision, recipe.device):   # generation only: the scores are computed in fp32
         images, seconds = generate_images(model, vae, labels, num_iter=s.num_iter, cfg=s.cfg,
                                           cfg_schedule=s.cfg_schedule, temperature=s.temperature,

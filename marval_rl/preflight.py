@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from marval_rl.acceleration import check_compile, check_precision
+from marval_rl.acceleration import check_compile, check_compile_mode, check_precision
 from marval_rl.config import RecipeError, check_device
 
 def validate_sections(recipe) -> None:
@@ -81,11 +81,14 @@ def _num_tokens(cfg) -> int:
 
 
 def check_run_settings(recipe, here: bool = True) -> None:
-    """The device and how passes run on it: ``precision`` for that device, ``compile`` where torch can."""
+    """The device and how passes run on it: ``precision`` for that device, ``compile`` (and its mode) where torch can."""
     check_device(recipe.device, here=here)
     check_precision(recipe.precision, recipe.device)
+    check_compile_mode(recipe.compile_mode, recipe.device)
+    if recipe.compile_mode != "default" and not recipe.compile:
+        raise RecipeError(f"compile_mode={recipe.compile_mode} has no effect with compile=false; set compile=true too")
     if recipe.compile and here:
-        check_compile()
+        check_compile(recipe.compile_mode)
 
 
 def check_generator_inputs(recipe, command: str, device_here: bool = True):

@@ -229,4 +229,5 @@ class Recipe:
     device: str = "cpu"
     precision: str = "fp32"            # fp32 | bf16 | fp16 (GPU): autocast for sampling, rollouts, rewards, RL/distill
     compile: bool = False              # torch.compile the backbone and head for generation (sample, evaluate, rollouts)
+    compile_mode: str = "default"      # torch.compile's mode; reduce-overhead / max-autotune add CUDA graphs (GPU)
     output_dir: str = "outputs/run"

@@ -135,6 +135,12 @@ CASES = [
     ("distill_fp16_on_cpu", D + " precision=fp16", r"precision=fp16 needs a CUDA GPU"),
     ("unknown_precision_fp8", S + " precision=fp8", r"precision='fp8'.*unknown precision.*bf16"),
     ("precision_given_as_dtype_name", T + " precision=bfloat16", r"precision='bfloat16'.*unknown"),
+    # compile_mode: CUDA graphs on a CPU would be silently skipped by torch; a mode without compile=true
+    # would be silently ignored; a typo would reach torch.compile at the first rollout, deep in a worker
+    ("cuda_graphs_on_cpu", S + " compile=true compile_mode=reduce-overhead", r"compile_mode=reduce-overhead.*device=cuda"),
+    ("train_cuda_graphs_on_cpu", T + " compile=true compile_mode=max-autotune", r"compile_mode=max-autotune.*CUDA graphs"),
+    ("compile_mode_without_compile", T + " compile_mode=max-autotune-no-cudagraphs", r"compile_mode=.*compile=false"),
+    ("unknown_compile_mode", S + " compile=true compile_mode=fast", r"compile_mode='fast'.*unknown mode"),
     # ------------------------------------------------------------------ checkpoints
     ("checkpoint_missing", S + " model.checkpoint=/no/such.pth", r"checkpoint not found: /no/such\.pth"),
     ("zero_byte_checkpoint_indexerror", S + " model.checkpoint={R}/empty.pth", r"empty\.pth.*empty"),

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_policy_dirs
-from marval_rl.acceleration import PrecisionError, autocast, check_compile, check_precision, compile_generator
+from marval_rl.acceleration import (PrecisionError, autocast, check_compile, check_compile_mode, check_precision,
+                                    compile_generator)
 from marval_rl.config import ModelSection, RewardSpec, VAESection, load_recipe
 from marval_rl.models.one_step import MARVAL
 from marval_rl.rl.batch import RolloutRequest
@@ -120,6 +121,45 @@ def test_compiled_generation_matches_eager(tiny_mar):
     assert compiled.state_dict().keys() == student.state_dict().keys()   # checkpoints are unchanged
 
 
+def test_cuda_graph_modes_start_a_graph_iteration_and_copy_outputs_out(monkeypatch, tiny_mar):
+    # catches: CUDA-graph modes that hand back the graph's own output buffer (the next replay of the same
+    # graph, e.g. the decoder at the next AR step, overwrites tokens the loop already holds), a missing
+    # new-iteration mark, and compile_generator ignoring compile_mode. The graphs themselves need a GPU
+    # (benchmarks/gpu_check.sh); here torch.compile is replaced by a function with one output buffer,
+    # which is how a recorded graph behaves on replay.
+    import marval_rl.acceleration as acc
+
+    marks, modes = [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+
+    def fake_compile(fn, dynamic, mode):
+        modes.append(mode)
+        pool = {}
+
+        def replay(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            buf = pool.setdefault(tuple(out.shape), torch.empty_like(out))
+            return buf.copy_(out)                     # every call writes the same memory
+        return replay
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(acc, "check_compile", lambda mode="default": None)
+    student = MARVAL.from_teacher(tiny_mar).eval()
+    graphed = acc.compile_generator(copy.deepcopy(student), "reduce-overhead")
+    assert modes == ["reduce-overhead"] * 3                      # encoder, decoder, one-step head
+    mask, tokens = torch.ones(2, student.seq_len), torch.zeros(2, student.seq_len, 16)
+    with torch.no_grad():
+        first = graphed.condition(tokens, mask, torch.tensor([1, 2]))
+        second = graphed.condition(tokens, mask, torch.tensor([5, 6]))      # replays the same graphs
+        expected = student.condition(tokens, mask, torch.tensor([1, 2]))
+    assert len(marks) == 4                                       # encoder + decoder, twice
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)  # not overwritten by the second call
+    assert not torch.equal(first, second)
+    modes.clear()
+    acc.compile_generator(copy.deepcopy(student), "default")
+    assert modes == ["default"] * 3 and len(marks) == 4          # no CUDA graphs: nothing wrapped
+
+
 def test_precision_and_compile_checks(monkeypatch):
     check_precision("bf16", "cpu")
     check_precision("fp32", "cuda")
@@ -129,6 +169,12 @@ def test_precision_and_compile_checks(monkeypatch):
         check_precision("float16", "cpu")
     import shutil
 
+    with pytest.raises(PrecisionError, match="reduce-overhead records CUDA graphs"):
+        check_compile_mode("reduce-overhead", "cpu")
+    check_compile_mode("reduce-overhead", "cuda:0")
+    check_compile_mode("default", "cpu")
+    with pytest.raises(PrecisionError, match="unknown mode"):
+        check_compile("fast")
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(PrecisionError, match="C\\+\\+ compiler"):
         check_compile()

@@ -53,6 +53,7 @@ class WorkerSpec:
     threads: int = 1
     precision: str = "fp32"      # autocast of sampling, decoding and rewards (acceleration.py)
     compile: bool = False        # torch.compile the policy's backbone and head
+    compile_mode: str = "default"  # torch.compile's mode (reduce-overhead: CUDA graphs)
 
     @classmethod
     def from_recipe(cls, recipe) -> "WorkerSpec":
@@ -62,7 +63,8 @@ class WorkerSpec:
         return cls(model=recipe.model, vae=recipe.vae, rewards=list(s.rewards), gold=list(s.gold),
                    num_iter=s.num_iter, explore_std=explore_std(s), explore_steps=list(s.explore_steps),
                    prompt_template=s.prompt_template, class_names=list(s.class_names), device=recipe.device,
-                   threads=s.worker_threads, precision=recipe.precision, compile=recipe.compile)
+                   threads=s.worker_threads, precision=recipe.precision, compile=recipe.compile,
+                   compile_mode=recipe.compile_mode)
 
 
 class RolloutWorker:
@@ -82,7 +84,7 @@ class RolloutWorker:
         self.vae.requires_grad_(False)
         self.rewards = RewardSet(spec.rewards, spec.gold, spec.device, spec.precision)
         if spec.compile:
-            compile_generator(self.policy)
+            compile_generator(self.policy, spec.compile_mode)
         self.names = list(spec.class_names) or class_names_for(self.policy.config.class_num)
         if len(self.names) != self.policy.config.class_num:
             raise ValueError(f"{len(self.names)} class names for a {self.policy.config.class_num}-class policy")
