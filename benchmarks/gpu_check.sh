@@ -6,5 +6,19 @@
 # PYTHON=path/to/python picks the interpreter (default: the project's .venv if present, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# WHEELS=dir installs the wheels in dir (benchmarks/offline_wheels.sh) into a scratch folder first, for a
+# machine with torch but no network; a checkout that is not installed is built into that folder from
+# here (no network: --no-index, the interpreter's own setuptools), since rewards/ and recipes/ only
+# become marval_rl.rewards / marval_rl.recipes through pyproject.toml's package-dir.
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+SITE=""
+if [ -n "${WHEELS:-}" ]; then
+    SITE=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl
+fi
+if ! (cd benchmarks && PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import marval_rl.rewards" 2>/dev/null); then
+    SITE=${SITE:-$(mktemp -d)}
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$SITE" .
+fi
+[ -n "$SITE" ] && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" benchmarks/gpu_check.py "$@"
