@@ -18,7 +18,13 @@ if [ -n "${WHEELS:-}" ]; then
 fi
 if ! (cd benchmarks && PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import marval_rl.rewards" 2>/dev/null); then
     SITE=${SITE:-$(mktemp -d)}
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$SITE" .
+    # the build runs with the scratch folder first on the path, so offline_wheels' setuptools serves it
+    if ! PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pip install -q --no-index --no-deps \
+            --no-build-isolation --no-compile --no-cache-dir --target "$SITE" . >&2; then
+        echo "gpu_check.sh: could not build the checkout (no setuptools/wheel?); using its folders as" \
+             "pyproject.toml's package-dir maps them" >&2
+        cp -r marval_rl "$SITE/" && cp -r rewards "$SITE/marval_rl/rewards" && cp -r recipes "$SITE/marval_rl/recipes"
+    fi
 fi
 [ -n "$SITE" ] && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" benchmarks/gpu_check.py "$@"

@@ -11,5 +11,6 @@ DIR=${1:-offline_wheels}
 PYV=${2:-3.12}
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$DIR" omegaconf==2.4.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+    -d "$DIR" omegaconf==2.4.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 \
+    setuptools==80.9.0 wheel==0.45.1     # to build the checkout there (gpu_check.sh) if its own are old
 ls -1 "$DIR"
