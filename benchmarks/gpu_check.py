@@ -113,7 +113,10 @@ def sampling_rows(size: dict, device: torch.device, teacher, tmp: Path, compile_
         problem = f"stopped at the {size['sampling_limit_s']} s limit; the rows above are what it finished"
     except subprocess.CalledProcessError as e:
         problem = f"FAILED (exit {e.returncode}, see stderr); the rows above are what it finished"
-    measured = json.loads(out.read_text()) if out.exists() else []
+    try:
+        measured = json.loads(out.read_text()) if out.exists() else []
+    except json.JSONDecodeError as e:   # sampling.py writes atomically; this is a safety net
+        measured, problem = [], f"unreadable rows ({e})"
     teacher = {(r["batch"], r["num_iter"]): r["total_s"] for r in measured
                if r["mode"] == "fp32" and r["head"] == "diffusion" and r["cfg"] == 2.9}
     rows = [{"part": "sampling", "what": f"{'teacher 100-step' if r['head'] == 'diffusion' else 'student one-step'}"

@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from marval_rl.acceleration import COMPILE_MODES, autocast, check_compile_mode, compile_generator
+from marval_rl.acceleration import COMPILE_MODES, CUDA_GRAPH_MODES, autocast, check_compile_mode, compile_generator
 from marval_rl.models import MAR
 from marval_rl.models.one_step import MARVAL, OneStepSampler
 from marval_rl.sampling import DiffusionSampler, sample_tokens
@@ -57,6 +58,13 @@ class TimedSampler:
         sync(self.device)
         self.seconds += time.perf_counter() - t0
         return out
+
+
+def write_json(path: str, rows: list[dict]) -> None:
+    """Atomically: a run stopped mid-write (gpu_check's time limit) leaves the previous complete file."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, path)
 
 
 def random_model(spec: str, device, dtype) -> MAR:
@@ -112,7 +120,7 @@ def main():
                          head_share=timed.seconds / total))
         r = rows[-1]
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+            write_json(args.json, rows)
         print(f"{mode:<13} batch {bsz:>3} K {k:>3} cfg {cfg:<4} {head} {steps:>3} steps: {r['per_image_s']:.3f} s/img "
               f"(backbone {r['backbone_s']:.2f} s, head {r['head_s']:.2f} s)", flush=True)
 
@@ -125,6 +133,10 @@ def main():
     with torch.inference_mode():
         for precision, compiled in modes:
             mode = precision + ("" if compiled is None else " compiled" if compiled == "default" else f" {compiled}")
+            if compiled is not None:
+                # teacher and student share the backbone's code objects, and torch.compile keeps at most
+                # recompile_limit (8) versions of each: past it, a later mode would quietly run eager
+                torch._dynamo.reset()
             teacher_m = None if args.no_teacher else model if compiled is None else \
                 compile_generator(copy.deepcopy(model), compiled) if args.compile_only != "student" else None
             student_m = student if compiled is None or student is None else \
@@ -140,8 +152,11 @@ def main():
                     # dynamic shapes specialise) is compiled before the clock starts; the teacher's head
                     # runs 2 steps here, its shapes per AR step are those of the 100-step chain
                     ks = sorted({2, *args.num_iter}) if compiled is not None else [2]
-                    for b, cfg, k in itertools.product(sorted(set(args.batch)), sorted(set(cfgs)), ks):
-                        sample_tokens(gm, labels=[0] * b, num_iter=k, cfg=cfg, token_sampler=smp)
+                    # CUDA graph trees run a new shape eagerly at its first call and record it at its
+                    # second, so graph modes warm up twice: the timed run then only replays graphs
+                    for _ in range(2 if compiled in CUDA_GRAPH_MODES else 1):
+                        for b, cfg, k in itertools.product(sorted(set(args.batch)), sorted(set(cfgs)), ks):
+                            sample_tokens(gm, labels=[0] * b, num_iter=k, cfg=cfg, token_sampler=smp)
                 print(f"# {mode}: warm-up{'' if compiled is None else ' and compilation'} {time.perf_counter() - t0:.1f} s")
                 for bsz, k in itertools.product(args.batch, args.num_iter):
                     if student_m is not None:
@@ -169,7 +184,7 @@ def main():
               f"{r['per_image_s']:.3f} | {r['backbone_s']:.2f} | {r['head_s']:.2f} | {fmt(r['vs_fp32_teacher'])} | "
               f"{fmt(r['vs_fp32_student'])} | {100 * (1 - r['head_share']):.0f}% |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

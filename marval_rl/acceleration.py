@@ -81,7 +81,8 @@ def check_compile_mode(mode: str, device: str | torch.device) -> None:
         raise PrecisionError(f"compile_mode={mode!r}: unknown mode; use one of {list(COMPILE_MODES)}")
     if mode in CUDA_GRAPH_MODES and torch.device(device).type != "cuda":
         raise PrecisionError(f"compile_mode={mode} records CUDA graphs, which needs device=cuda (got "
-                             f"device={torch.device(device).type}); use compile_mode=default there")
+                             f"device={torch.device(device).type}); use compile_mode=default"
+                             f"{' or max-autotune-no-cudagraphs' if mode == 'max-autotune' else ''} there")
 
 
 def check_compile(mode: str = "default") -> None:

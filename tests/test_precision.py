@@ -152,12 +152,19 @@ def test_cuda_graph_modes_start_a_graph_iteration_and_copy_outputs_out(monkeypat
         first = graphed.condition(tokens, mask, torch.tensor([1, 2]))
         second = graphed.condition(tokens, mask, torch.tensor([5, 6]))      # replays the same graphs
         expected = student.condition(tokens, mask, torch.tensor([1, 2]))
-    assert len(marks) == 4                                       # encoder + decoder, twice
+        noise = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+        x_a = graphed.one_step(noise, first[0, :3])                         # the head's graph, twice
+        x_b = graphed.one_step(noise, second[0, :3])
+        x_expected = student.one_step(noise, expected[0, :3])
+    assert len(marks) == 6                                       # encoder + decoder twice, head twice
     torch.testing.assert_close(first, expected, rtol=0, atol=0)  # not overwritten by the second call
-    assert not torch.equal(first, second)
+    torch.testing.assert_close(x_a, x_expected, rtol=0, atol=0)
+    assert not torch.equal(first, second) and not torch.equal(x_a, x_b)
     modes.clear()
-    acc.compile_generator(copy.deepcopy(student), "default")
-    assert modes == ["default"] * 3 and len(marks) == 4          # no CUDA graphs: nothing wrapped
+    plain = acc.compile_generator(copy.deepcopy(student), "default")
+    with torch.no_grad():
+        plain.condition(tokens, mask, torch.tensor([1, 2]))
+    assert modes == ["default"] * 3 and len(marks) == 6          # no CUDA graphs: nothing wrapped
 
 
 def test_precision_and_compile_checks(monkeypatch):
