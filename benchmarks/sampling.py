@@ -67,6 +67,23 @@ def write_json(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def add_ratios(rows: list[dict], top_cfg: float) -> list[dict]:
+    """Each row's ``vs_fp32_teacher`` (the fp32 teacher at ``top_cfg``, same batch and K) and
+    ``vs_fp32_student``, or None while that baseline has not been timed; returns ``rows``."""
+    def base(r, head):
+        cfg = top_cfg if head == "diffusion" else 1.0
+        for b in rows:
+            if (b["mode"], b["head"], b["batch"], b["num_iter"], b["cfg"]) == ("fp32", head, r["batch"], r["num_iter"], cfg):
+                return b["total_s"]
+        return None
+
+    for r in rows:
+        t, st = base(r, "diffusion"), base(r, "one-step")
+        r["vs_fp32_teacher"] = t / r["total_s"] if t else None
+        r["vs_fp32_student"] = st / r["total_s"] if st else None
+    return rows
+
+
 def random_model(spec: str, device, dtype) -> MAR:
     config = json.loads(Path(spec).read_text()).get("constructor") if spec.endswith(".json") else spec
     torch.manual_seed(0)
@@ -120,7 +137,7 @@ def main():
                          head_share=timed.seconds / total))
         r = rows[-1]
         if args.json:
-            write_json(args.json, rows)
+            write_json(args.json, add_ratios(rows, max(args.cfg)))
         print(f"{mode:<13} batch {bsz:>3} K {k:>3} cfg {cfg:<4} {head} {steps:>3} steps: {r['per_image_s']:.3f} s/img "
               f"(backbone {r['backbone_s']:.2f} s, head {r['head_s']:.2f} s)", flush=True)
 
@@ -164,21 +181,12 @@ def main():
                     for cfg, steps in itertools.product(args.cfg, args.head_steps) if teacher_m is not None else ():
                         run(teacher_m, DiffusionSampler(teacher_m.diffloss, steps), bsz, k, cfg, "diffusion", steps, mode)
 
-    def base(r, head):
-        cfg = max(args.cfg) if head == "diffusion" else 1.0
-        for b in rows:
-            if (b["mode"], b["head"], b["batch"], b["num_iter"], b["cfg"]) == ("fp32", head, r["batch"], r["num_iter"], cfg):
-                return b["total_s"]
-        return None
-
     print()
     print("| precision | batch | K | cfg | head | s / image | backbone (s) | head (s) | vs fp32 teacher | "
           "vs fp32 student | backbone floor |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    add_ratios(rows, max(args.cfg))
     for r in rows:
-        t, st = base(r, "diffusion"), base(r, "one-step")
-        r["vs_fp32_teacher"] = t / r["total_s"] if t else None
-        r["vs_fp32_student"] = st / r["total_s"] if st else None
         fmt = lambda v: f"{v:.2f}x" if v else ""
         print(f"| {r['mode']} | {r['batch']} | {r['num_iter']} | {r['cfg']} | {r['head']} {r['head_steps']} | "
               f"{r['per_image_s']:.3f} | {r['backbone_s']:.2f} | {r['head_s']:.2f} | {fmt(r['vs_fp32_teacher'])} | "

@@ -75,11 +75,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def check_compile_mode(mode: str, device: str | torch.device) -> None:
-    """``compile_mode`` is one of torch's, and a CUDA-graph mode runs on a CUDA device."""
+def check_compile_mode(mode: str, device: str | torch.device | None = None) -> None:
+    """``compile_mode`` is one of torch's, and (given a device) a CUDA-graph mode runs on a CUDA device."""
     if mode not in COMPILE_MODES:
         raise PrecisionError(f"compile_mode={mode!r}: unknown mode; use one of {list(COMPILE_MODES)}")
-    if mode in CUDA_GRAPH_MODES and torch.device(device).type != "cuda":
+    if mode in CUDA_GRAPH_MODES and device is not None and torch.device(device).type != "cuda":
         raise PrecisionError(f"compile_mode={mode} records CUDA graphs, which needs device=cuda (got "
                              f"device={torch.device(device).type}); use compile_mode=default"
                              f"{' or max-autotune-no-cudagraphs' if mode == 'max-autotune' else ''} there")
@@ -89,8 +89,7 @@ def check_compile(mode: str = "default") -> None:
     """``compile=true`` needs torch.compile and, on CPU, a C++ compiler for the generated kernels."""
     import shutil
 
-    if mode not in COMPILE_MODES:
-        raise PrecisionError(f"compile_mode={mode!r}: unknown mode; use one of {list(COMPILE_MODES)}")
+    check_compile_mode(mode)
     if not hasattr(torch, "compile"):
         raise PrecisionError("compile=true needs torch >= 2.0 (torch.compile)")
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
