@@ -90,7 +90,26 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def data_parallel(out_dir, fn) -> int:
+    """Run a training command's body under torchrun's process group when it launched us (one process
+    otherwise): a rank whose peer died stops with one line (the state on disk is intact), and the group
+    is torn down cleanly at the end."""
+    from marval_rl import distributed
+
+    distributed.stop_on_sigterm(out_dir)
+    try:
+        code = fn()
+    except Exception as e:  # noqa: BLE001
+        stop = distributed.stopped_by_peer(e, out_dir)
+        if stop is None:
+            raise
+        raise stop from None
+    distributed.finish()
+    return code
+
+
 def cmd_pretrain(args) -> int:
+    from marval_rl import distributed
     from marval_rl.data import build_source
     from marval_rl.pretrain import PRETRAIN_STAGES, PretrainInputs
     from marval_rl.pretrain.common import check_pretrain_recipe
@@ -99,21 +118,34 @@ def cmd_pretrain(args) -> int:
     p, out = recipe.pretrain, check_output_dir(recipe.output_dir)
     check_device(recipe.device)
     check_pretrain_recipe(recipe)
-    prepare_output(recipe, "pretrain", args.overwrite)
-    inputs = PretrainInputs(dataset=build_source(recipe.data, "train") if {"vae", "mar"} & set(p.stages) else None)
-    summary: dict = {"output_dir": str(out)}
-    write_run_record(out, recipe, "pretrain")
-    for stage in p.stages:
-        t0 = time.perf_counter()
-        metrics = PRETRAIN_STAGES[stage](recipe, out, inputs)
-        summary[stage] = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                          "minutes": round((time.perf_counter() - t0) / 60, 2)}
-        print(f"[{stage}] done in {summary[stage]['minutes']} min")
-    print(json.dumps(summary))
-    return 0
+    distributed.world()                    # torchrun / accelerate launch: join the process group
+
+    def body() -> int:
+        for stage in {"vae", "mar"} & set(p.stages):
+            distributed.check_divides(getattr(p, stage).optim.batch_size, f"pretrain.{stage}.optim.batch_size")
+        distributed.on_main(lambda: prepare_output(recipe, "pretrain", args.overwrite), "preparing the output folder")
+        inputs = PretrainInputs(dataset=build_source(recipe.data, "train") if {"vae", "mar"} & set(p.stages) else None)
+        summary: dict = {"output_dir": str(out)}
+        distributed.on_main(lambda: write_run_record(out, recipe, "pretrain"), "writing the run record")
+        for stage in p.stages:
+            if distributed.active() and stage not in ("vae", "mar"):
+                raise RecipeError(f"pretrain stage {stage!r} runs in one process; under torchrun only the vae and "
+                                  f"mar stages are data parallel")
+            t0 = time.perf_counter()
+            metrics = PRETRAIN_STAGES[stage](recipe, out, inputs)
+            summary[stage] = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                              "minutes": round((time.perf_counter() - t0) / 60, 2)}
+            if distributed.is_main():
+                print(f"[{stage}] done in {summary[stage]['minutes']} min")
+        if distributed.is_main():
+            print(json.dumps(summary))
+        return 0
+
+    return data_parallel(out, body)
 
 
 def cmd_distill(args) -> int:
+    from marval_rl import distributed
     from marval_rl.data import build_source
     from marval_rl.distill.trainer import check_section, distill
     from marval_rl.loading import check_vae_section, generator_config, load_generator, load_vae
@@ -130,21 +162,30 @@ def cmd_distill(args) -> int:
     if not recipe.vae.checkpoint:
         raise RecipeError("distill needs vae.checkpoint (the teacher's tokenizer)")
     check_vae_section(recipe.vae)
-    out = prepare_output(recipe, "distill", args.overwrite, args.resume)
-    teacher = load_generator(recipe.model, recipe.device, expected="mar")
-    vae = load_vae(recipe.vae, recipe.device)
-    if vae is None:
-        raise RecipeError("distill needs vae.checkpoint (the teacher's tokenizer)")
-    check_pair(teacher.config, vae, None if recipe.data.source == "latents" else recipe.data.image_size)
-    batches = LatentBatches(build_source(recipe.data, "train"), vae)
-    t0 = time.perf_counter()
-    write_run_record(out, recipe, "distill")
-    _, metrics = distill(teacher, vae, batches, recipe.distill, out, precision=recipe.precision,
-                         resume_from=resume_source(args.resume, "distill") if args.resume else None)
-    print(json.dumps({"output_dir": recipe.output_dir, "student": str(Path(recipe.output_dir) / "student"),
-                      "minutes": round((time.perf_counter() - t0) / 60, 2),
-                      **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
-    return 0
+    distributed.world()                    # torchrun / accelerate launch: join the process group
+    distributed.check_divides(recipe.distill.generator_optim.batch_size, "distill.generator_optim.batch_size")
+
+    def body() -> int:
+        out = distributed.on_main(lambda: prepare_output(recipe, "distill", args.overwrite, args.resume),
+                                  "preparing the output folder") or Path(recipe.output_dir)
+        teacher = load_generator(recipe.model, recipe.device, expected="mar")
+        vae = load_vae(recipe.vae, recipe.device)
+        if vae is None:
+            raise RecipeError("distill needs vae.checkpoint (the teacher's tokenizer)")
+        check_pair(teacher.config, vae, None if recipe.data.source == "latents" else recipe.data.image_size)
+        batches = LatentBatches(build_source(recipe.data, "train"), vae)
+        t0 = time.perf_counter()
+        distributed.on_main(lambda: write_run_record(out, recipe, "distill"), "writing the run record")
+        _, metrics = distill(teacher, vae, batches, recipe.distill, out, precision=recipe.precision,
+                             resume_from=resume_source(args.resume, "distill") if args.resume else None)
+        if distributed.is_main():
+            print(json.dumps({"output_dir": recipe.output_dir, "student": str(Path(recipe.output_dir) / "student"),
+                              "minutes": round((time.perf_counter() - t0) / 60, 2),
+                              "world_size": distributed.world_size(),
+                              **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
+        return 0
+
+    return data_parallel(recipe.output_dir, body)
 
 
 def cmd_train(args) -> int:

@@ -61,7 +61,11 @@ def user_error(e: BaseException) -> str | None:
     a missing optional package, a worker that cannot start), or None for an internal bug."""
     from marval_rl.rewards import RewardError
 
+    from marval_rl.distributed import RankStopped
+
     e = _unwrap_remote(e)
+    if isinstance(e, RankStopped):      # another rank stopped the run (data parallel): its message is its own
+        return _one_line(e)
     if isinstance(e, CheckpointError):
         return _ANSI.sub("", str(e)).strip() or type(e).__name__  # lists missing / unexpected keys on more lines
     if isinstance(e, (RecipeError, RewardError)):

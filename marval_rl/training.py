@@ -5,6 +5,10 @@ distillation): one weight-decay rule (:func:`param_groups`), one lr schedule (:f
 :class:`EMA`, one training-state file. The RL trainer (rl/trainer.py) shares the optimiser, schedule and
 EMA, not the loop (its steps are rollouts, replays and update rules).
 
+Data parallel (torchrun, ``distributed.py``): every rank runs this loop with the same generator,
+takes its share of each global batch, and :meth:`Trainable.update` averages the gradients; rank 0
+alone writes the log, the grids and the state, which every rank resumes from.
+
 Exact resume: all randomness of a run comes from one ``torch.Generator`` (batches, masks, noise)
 plus torch's global RNG (dropout); both states are saved with the weights, the optimiser and the
 step, so a killed run resumes to the same numbers. Checkpoints are single files written atomically
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from marval_rl import distributed
 from marval_rl.config import OptimSection
 from marval_rl.models.checkpoints import (CheckpointError, atomic_write, load_state_dict_strict, remove_stale_temps,
                                           torch_load_safely)
@@ -166,6 +171,8 @@ class Trainable:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)       # (no-op without loss scaling)
+        # data-parallel ranks (a no-op in one process); parameters without a gradient stay without one
+        distributed.average_gradients([p for p in self.module.parameters() if p.grad is not None])
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim.grad_clip) \
             if self.optim.grad_clip > 0 else torch.tensor(0.0)
         self.scaler.step(self.optimizer)
@@ -227,10 +234,12 @@ class LossStage:
 
 
 def save_training_state(path: str | Path, *, step: int, trainables: list[Trainable], generator,
-                        extra: dict | None = None) -> Path:
-    """Everything needed to continue exactly where we are, in one atomically written file."""
+                        extra: dict | None = None, torch_rng_ranks: list | None = None) -> Path:
+    """Everything needed to continue exactly where we are, in one atomically written file.
+    ``torch_rng_ranks``: every data-parallel rank's global RNG state (its dropout), rank 0's first."""
     state = {"step": step, "trainables": {t.name: t.state_dict() for t in trainables},
-             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "extra": extra or {}}
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "extra": extra or {},
+             **({"torch_rng_ranks": torch_rng_ranks} if torch_rng_ranks and len(torch_rng_ranks) > 1 else {})}
     path = Path(path)
     atomic_write(path, lambda p: torch.save(state, p))
     return path
@@ -248,7 +257,12 @@ def load_training_state(path: str | Path, *, trainables: list[Trainable], genera
     for t in trainables:
         t.load_state_dict(state["trainables"][t.name], str(path))
     generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
+    ranks = state.get("torch_rng_ranks") or []
+    if len(ranks) == distributed.world_size() > 1:
+        torch.set_rng_state(ranks[distributed.rank()])
+    else:   # a state of another world size: rank 0's stream, forked per rank as at a fresh start
+        torch.set_rng_state(state["torch_rng"])
+        distributed.fork_global_rng()
     return state
 
 
@@ -267,29 +281,37 @@ def run_loop(stage: TrainStage, out_dir: Path, *, generator: torch.Generator, lo
     steps = trainables[0].optim.steps
     if steps < 1:
         raise ValueError(f"[{name}] optim.steps must be >= 1, got {steps}")
+    main = distributed.is_main()           # rank 0 writes; every rank reads the same state on resume
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)
     state_path, log_path = out_dir / f"{name}_train_state.pt", out_dir / f"{name}_metrics.jsonl"
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out_dir)
+    distributed.barrier()
     source = Path(resume_from) if resume_from is not None else (state_path if state_path.is_file() else None)
+    source = distributed.broadcast_object(source)   # rank 0's view: one decision for every rank
     start = 0
+    distributed.fork_global_rng()
     if source is not None:
         start = load_training_state(source, trainables=trainables, generator=generator)["step"]
-        if source.parent.resolve() != out_dir.resolve() and (source.parent / log_path.name).is_file():
+        if main and source.parent.resolve() != out_dir.resolve() and (source.parent / log_path.name).is_file():
             shutil.copyfile(source.parent / log_path.name, log_path)
-        print(f"[{name}] resuming from step {start} ({source})")
-    sync_log(log_path, "step", start)
+        if main:
+            print(f"[{name}] resuming from step {start} ({source})")
+    if main:
+        sync_log(log_path, "step", start)
 
     def update(trainable: str, loss: torch.Tensor) -> float:
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"[{name}] {trainable} loss is {loss.item()} at step {step}; lower the lr "
-                                     f"or check the data")
+            raise FloatingPointError(f"[{name}] {trainable} loss is {loss.item()} at step {step}"
+                                     f"{f' on rank {distributed.rank()}' if distributed.active() else ''}; lower "
+                                     f"the lr or check the data")
         return by_name[trainable].update(loss)
 
     metrics: dict = {}
     for t in trainables:
         t.module.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not progress)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=not (progress and main))
     t0 = time.perf_counter()
     for step in bar:
         for t in trainables:
@@ -297,21 +319,29 @@ def run_loop(stage: TrainStage, out_dir: Path, *, generator: torch.Generator, lo
         info = stage.step(step, generator, update)
         done = step + 1
         if done % log_every == 0 or done == steps:
+            info = distributed.reduce_stats(info)    # the global batch's means (each rank saw its share)
             metrics = {"step": done, "lr": trainables[0].optimizer.param_groups[0]["lr"],
                        "seconds": time.perf_counter() - t0, **info}
             first = next(iter(info), None)
             if first is not None:
                 bar.set_postfix({first: f"{info[first]:.4f}"})
-            with open(log_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        if sample_every and hasattr(stage, "sample") and (done % sample_every == 0 or done == steps):
+            if main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+        if main and sample_every and hasattr(stage, "sample") and (done % sample_every == 0 or done == steps):
             shipped = {t.name: t.shipped().eval() for t in trainables}
             with torch.no_grad():
                 stage.sample(done, shipped)
             for t in trainables:
                 t.module.train()
         if checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-            save_training_state(state_path, step=done, trainables=trainables, generator=generator)
+            for t in trainables:
+                distributed.check_in_sync(t.module)   # ranks that drifted apart must not be saved as one
+            rngs = distributed.all_gather_object(torch.get_rng_state())
+            if main:
+                save_training_state(state_path, step=done, trainables=trainables, generator=generator,
+                                    torch_rng_ranks=rngs)
+    distributed.barrier()                             # every rank's last step is in the state rank 0 wrote
     return {t.name: t.shipped().eval() for t in trainables}, metrics
 
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"marval_rl.recipe_schema", "marval_rl.weights_table"},
     {"marval_rl.config", "marval_rl.plugins", "marval_rl.hub"},
-    {"marval_rl.acceleration"},
+    {"marval_rl.acceleration", "marval_rl.distributed"},
     {"marval_rl.models"},
     {"marval_rl.data", "marval_rl.sampling"},
     {"marval_rl.eval", "marval_rl.training", "marval_rl.loading"},
@@ -44,6 +44,9 @@ def _imports(module: str, path: Path):
             if node.level:
                 base = here[:len(here) - node.level + 1]
                 yield ".".join(base + ([node.module] if node.module else [])), node.lineno
+            elif node.module == "marval_rl":   # `from marval_rl import distributed`: the module named
+                for a in node.names:
+                    yield f"marval_rl.{a.name}", node.lineno
             elif node.module:
                 yield node.module, node.lineno
         elif isinstance(node, ast.Import):

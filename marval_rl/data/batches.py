@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from marval_rl import distributed
 from marval_rl.data.sources import CachedLatentSource
 from marval_rl.models.vae import AutoencoderKL, DiagonalGaussian
 
@@ -60,12 +61,17 @@ class LatentBatches:
         return len(self.dataset)
 
     def sample(self, batch_size: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of a global batch of ``batch_size`` latents and labels (all of it in one
+        process): the indices, flips and posterior noise are drawn for the whole batch on every rank."""
         idx = torch.randperm(len(self), generator=gen)[:batch_size]
         if self.cached:
             flip = torch.randint(0, 2, (len(idx),), generator=gen)
             post, labels = DiagonalGaussian(self.moments[idx, flip]), self.labels[idx]
-        else:
-            images, labels = collate(self.dataset, idx)
-            with torch.no_grad():
-                post = self.vae.encode(images.to(device))
-        return (post.sample(gen) * self.scale).to(device), labels.to(device)
+            return (distributed.shard(post.sample(gen)) * self.scale).to(device), distributed.shard(labels).to(device)
+        rows = distributed.local_rows(len(idx))
+        images, labels = collate(self.dataset, idx[rows])
+        with torch.no_grad():
+            post = self.vae.encode(images.to(device))
+        noise = torch.randn((len(idx), *post.mean.shape[1:]), generator=gen, device=gen.device)[rows]
+        latents = post.mean + post.std * noise.to(device=post.mean.device, dtype=post.mean.dtype)
+        return (latents * self.scale).to(device), labels.to(device)

@@ -11,6 +11,8 @@ One step:
      one t per token and takes the pseudo-Huber norm per token; ``"sample"`` draws one t per sample
      and takes the norm over all of that sample's masked tokens (the theorem's setting in both cases:
      one diffusion time per variable the norm is taken over).
+Data parallel (torchrun): every random draw is made for the global batch on every rank and each rank
+keeps its rows (``distributed.shard``), so N ranks at batch B/N compute one process's step at batch B.
 The loop is the shared one (training.run_loop): its training state holds both trainables (the
 student's trained part and S_phi) with their optimisers and the student's EMA, the generator and the
 step, so a killed run resumes exactly. The EMA student is what gets saved as the policy.
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from marval_rl import distributed
 from marval_rl.acceleration import autocast
 from marval_rl.config import DistillSection
 from marval_rl.distill.gsim import gsim_loss_eps
@@ -100,7 +103,7 @@ class GSIMDistiller:
     def context(self, latents: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
         t = self.teacher
         tokens = t.patchify(latents)
-        orders = t.sample_orders(len(labels), gen)
+        orders = distributed.shard(t.sample_orders(len(labels) * distributed.world_size(), gen))
         rate = t.sample_mask_rate(gen, self.s.mask_ratio_min)
         mask = t.mask_from_orders(orders, max(1, math.ceil(t.seq_len * rate)))
         with torch.no_grad():
@@ -111,12 +114,19 @@ class GSIMDistiller:
         return z_c, z_u, z_s, len(labels)
 
     def _rand(self, shape, gen, dev):
-        return torch.randn(shape, generator=gen, device=gen.device).to(dev)
+        """This rank's rows of a standard-normal draw for the global batch (``shape`` is the local one)."""
+        rows = shape[0] * distributed.world_size()
+        return distributed.shard(torch.randn((rows, *shape[1:]), generator=gen, device=gen.device)).to(dev)
+
+    def _randint(self, low, high, rows, gen, dev):
+        """This rank's ``rows`` of a uniform integer draw for the global batch."""
+        n = rows * distributed.world_size()
+        return distributed.shard(torch.randint(low, high, (n,), generator=gen, device=gen.device)).to(dev)
 
     # ------------------------------------------------------------------------------ steps
     def fake_loss(self, x: torch.Tensor, z_c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The auxiliary score's diffusion (eps-MSE) loss on student tokens ``x`` (detached)."""
-        t = torch.randint(0, 1000, (len(x),), generator=gen, device=gen.device).to(x.device)
+        t = self._randint(0, 1000, len(x), gen, x.device)
         eps = self._rand(x.shape, gen, x.device)
         x_t = self.sqrt_ab.to(x.device)[t, None] * x + self.sigma.to(x.device)[t, None] * eps
         return (self.fake(x_t, t, z_c)[:, : self.C].float() - eps).square().mean()
@@ -126,7 +136,7 @@ class GSIMDistiller:
         one t per token (``huber_axis="token"``) or one t per sample, repeated over its tokens."""
         s = self.s
         n = rows if s.huber_axis == "token" else bsz
-        t = torch.randint(s.t_min, s.t_max + 1, (n,), generator=gen, device=gen.device).to(dev)
+        t = self._randint(s.t_min, s.t_max + 1, n, gen, dev)
         return t if s.huber_axis == "token" else t.repeat_interleave(rows // bsz)
 
     def generator_loss(self, x, z_c, z_u, bsz, gen):
@@ -204,8 +214,9 @@ class GSIMDistiller:
 def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
             progress: bool = True, resume_from: Path | None = None, precision: str = "fp32") -> tuple[MARVAL, dict]:
     """Run (or resume) GSIM distillation on ``batches`` (a :class:`LatentBatches`); writes
-    ``out_dir/student`` (the EMA policy). ``resume_from``: a state file of another folder to continue
+    ``out_dir/student`` (the EMA policy; rank 0 under torchrun, the global batch split over the ranks). ``resume_from``: a state file of another folder to continue
     (its log rows up to that step come along)."""
+    distributed.check_divides(section.generator_optim.batch_size, "distill.generator_optim.batch_size")
     d = GSIMDistiller(teacher, section, precision)
     d.batches, d.vae, d.out_dir = batches, vae, Path(out_dir)
     torch.manual_seed(section.seed)
@@ -213,5 +224,7 @@ def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
                                 log_every=section.log_every, checkpoint_every=section.checkpoint_every,
                                 sample_every=section.sample_every, progress=progress, resume_from=resume_from)
     student = d.shipped_student(shipped["generator"])
-    save_pretrained(student, Path(out_dir) / "student", metadata={"stage": "distill", **metrics})
+    if distributed.is_main():
+        save_pretrained(student, Path(out_dir) / "student", metadata={"stage": "distill", **metrics})
+    distributed.barrier()
     return student, metrics

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from marval_rl import distributed
 from marval_rl.config import MARTrainSection
 from marval_rl.eval.images import save_grid
 from marval_rl.models.checkpoints import save_pretrained
@@ -34,6 +35,24 @@ def check_pair(config: MARConfig, vae: AutoencoderKL, image_size: int | None = N
         raise ValueError(f"MAR img_size {config.img_size} differs from the data's image_size {image_size}")
 
 
+def sharded_draws(model: MAR, batch_size: int, gen: torch.Generator) -> dict:
+    """MAR's training draws for a global batch of ``batch_size``, in the order ``MAR.forward`` makes them
+    (orders, mask ratio, label drop, head timesteps, head noise), cut to this rank's samples: a data-parallel
+    rank passes them to ``forward`` so N ranks compute one process's loss at the global batch."""
+    dev, mul, L, C = gen.device, model.diffusion_batch_mul, model.seq_len, model.token_embed_dim
+    rows = distributed.local_rows(batch_size)
+    draws = {"orders": model.sample_orders(batch_size, gen)[rows], "mask_rate": model.sample_mask_rate(gen)}
+    if model.training and model.config.label_drop_prob > 0:
+        draws["label_drop"] = (torch.rand(batch_size, generator=gen, device=dev) < model.config.label_drop_prob)[rows]
+    n = mul * batch_size * L            # head rows are tiled: [all rows; all rows; ...] (mul times)
+    t = torch.randint(0, model.diffloss.train_diffusion.num_timesteps, (n,), generator=gen, device=dev)
+    noise = torch.randn((n, C), generator=gen, device=dev)
+    draws["t"] = t.reshape(mul, batch_size, L)[:, rows].reshape(-1).to(model.device)
+    draws["noise"] = noise.reshape(mul, batch_size, L, C)[:, rows].reshape(-1, C).to(model.device)
+    draws["label_drop"] = draws["label_drop"].to(model.device) if "label_drop" in draws else None
+    return draws
+
+
 def train_mar(section: MARTrainSection, dataset, vae: AutoencoderKL, out_dir: Path, *, seed: int,
               image_size: int, log_every: int, checkpoint_every: int, sample_every: int,
               device: str = "cpu", progress: bool = True) -> tuple[MAR, dict]:
@@ -42,6 +61,7 @@ def train_mar(section: MARTrainSection, dataset, vae: AutoencoderKL, out_dir: Pa
     num_classes = getattr(dataset, "num_classes", None)
     if num_classes is not None and num_classes > config.class_num:
         raise ValueError(f"the data has {num_classes} classes but MAR class_num is {config.class_num}")
+    distributed.check_divides(section.optim.batch_size, "pretrain.mar.optim.batch_size")
     torch.manual_seed(seed)
     model = MAR(config).to(device)
     vae = vae.to(device).eval()
@@ -51,7 +71,9 @@ def train_mar(section: MARTrainSection, dataset, vae: AutoencoderKL, out_dir: Pa
 
     def loss_fn(step, gen):
         latents, labels = batches.sample(section.optim.batch_size, gen, device)
-        return model(latents, labels, generator=gen), {}
+        if not distributed.active():
+            return model(latents, labels, generator=gen), {}
+        return model(latents, labels, **sharded_draws(model, section.optim.batch_size, gen)), {}
 
     def on_sample(step, ema_model):
         res = sample_tokens(ema_model, labels=grid_labels, num_iter=min(8, ema_model.seq_len), cfg=3.0,
@@ -65,7 +87,9 @@ def train_mar(section: MARTrainSection, dataset, vae: AutoencoderKL, out_dir: Pa
     shipped, metrics = run_loop(stage, out_dir, generator=generator, log_every=log_every,
                                 checkpoint_every=checkpoint_every, sample_every=sample_every, progress=progress)
     teacher = shipped["mar"]
-    save_pretrained(teacher, out_dir / "teacher", metadata={"stage": "mar", "ema": section.optim.ema, **metrics})
+    if distributed.is_main():
+        save_pretrained(teacher, out_dir / "teacher", metadata={"stage": "mar", "ema": section.optim.ema, **metrics})
+    distributed.barrier()
     return teacher, metrics
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from marval_rl import distributed
 from marval_rl.config import DataSection, VAETrainSection
 from marval_rl.eval.images import save_grid
 from marval_rl.models.checkpoints import save_pretrained
@@ -37,16 +38,20 @@ def train_vae(section: VAETrainSection, data: DataSection, dataset, out_dir: Pat
     config = VAEConfig.from_dict(dict(section.config))
     if data.image_size % config.stride:
         raise ValueError(f"image_size {data.image_size} is not divisible by the VAE stride {config.stride}")
+    distributed.check_divides(section.optim.batch_size, "pretrain.vae.optim.batch_size")
     torch.manual_seed(seed)
     vae = AutoencoderKL(config).to(device)
     generator = torch.Generator().manual_seed(seed)
     fixed, _ = collate(dataset, torch.arange(min(16, len(dataset))))
 
     def loss_fn(step, gen):
-        x, _ = collate(dataset, torch.randperm(len(dataset), generator=gen)[:section.optim.batch_size])
+        # this rank's share of the global batch; the posterior noise is drawn for all of it (distributed.py)
+        idx = torch.randperm(len(dataset), generator=gen)[:section.optim.batch_size]
+        x, _ = collate(dataset, idx[distributed.local_rows(len(idx))])
         x = x.to(device)
         post = vae.encode(x)
-        rec = vae.decode(post.sample(gen))
+        noise = torch.randn((len(idx), *post.mean.shape[1:]), generator=gen, device=gen.device)
+        rec = vae.decode(post.mean + post.std * distributed.shard(noise).to(post.mean))
         rec_loss = (x - rec).abs().flatten(1).sum(1).mean()
         kl = post.kl().mean()
         mse = ((x - rec) ** 2).mean()
@@ -67,7 +72,9 @@ def train_vae(section: VAETrainSection, data: DataSection, dataset, out_dir: Pat
         vae.config.latent_scale = round(1.0 / std, 4)
         metrics["latent_std"] = std
     metrics["latent_scale"] = vae.config.latent_scale
-    save_pretrained(vae, out_dir / "vae", metadata={"stage": "vae", **metrics})
+    if distributed.is_main():
+        save_pretrained(vae, out_dir / "vae", metadata={"stage": "vae", **metrics})
+    distributed.barrier()
     return vae, metrics
 
 

@@ -122,7 +122,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     """Run (or resume) RL; returns the summary. ``resume_from``: a state (``rl_state.pt`` or a run's
     folder) to continue into ``output_dir``; default: the one in ``output_dir`` if any. ``stop_after``
     ends early (tests of resume)."""
-    from marval_rl.rl.distributed import all_mean, finish, world
+    from marval_rl.distributed import all_mean, finish, world
     from marval_rl.rl.run_logger import RunLogger
     from marval_rl.rl.rewards import RewardSet
 

@@ -102,24 +102,6 @@ def private_working_dir() -> dict:
 _EMPTY_DIR: str | None = None
 
 
-def _torchrun() -> tuple[int, int]:
-    """(rank, world size) of the torchrun process group, (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _broadcast_address(address: str | None) -> str:
-    """Rank 0's cluster address to every torchrun rank ("" when rank 0 could not start one)."""
-    import torch.distributed as dist
-
-    box = [address or ""]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def init_ray(section: TrainSection, num_cpus: int, job_name: str | None = None) -> tuple[bool, str | None]:
     """Initialise Ray for the controller. Returns (started a local cluster here?, dashboard URL or None).
     ``job_name``: the run's name in the dashboard's Jobs table (the output folder's name).
@@ -128,7 +110,9 @@ def init_ray(section: TrainSection, num_cpus: int, job_name: str | None = None) 
     rank) and the other ranks join it at the address rank 0 broadcasts; one cluster per job."""
     if ray.is_initialized():
         return False, _dashboard_url()
-    rank, world = _torchrun()
+    from marval_rl import distributed
+
+    rank, world = distributed.rank(), distributed.world_size()
     if world > 1 and not section.ray_address:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if local_world != world:
@@ -139,11 +123,11 @@ def init_ray(section: TrainSection, num_cpus: int, job_name: str | None = None) 
             try:
                 started = _init_here(section, num_cpus * world, job_name)
             except BaseException:
-                _broadcast_address(None)   # the other ranks stop too, instead of waiting for an address
+                distributed.broadcast_object(None)   # the other ranks stop too, instead of waiting for an address
                 raise
-            _broadcast_address(ray.get_runtime_context().gcs_address)
+            distributed.broadcast_object(ray.get_runtime_context().gcs_address)
             return started
-        address = _broadcast_address(None)
+        address = distributed.broadcast_object(None)
         if not address:
             raise RuntimeError("torchrun rank 0 could not start the job's Ray cluster (its error is above)")
         _token_auth_for_join(address)

@@ -124,14 +124,14 @@ class TrainerRank:
 
     def setup(self, host: str, port: int) -> int:
         from marval_rl.rl.controller import build_trainer
-        from marval_rl.rl.distributed import init_group
+        from marval_rl.distributed import init_group
 
         init_group(self.rank, self.world_size, host, port, self.backend)
         self.trainer = build_trainer(self.recipe)
         return os.getpid()
 
     def update(self, batches: list[RolloutBatch]) -> dict:
-        from marval_rl.rl.distributed import reduce_stats
+        from marval_rl.distributed import reduce_stats
 
         t0 = time.perf_counter()
         stats = self.trainer.update(batches)

@@ -119,7 +119,7 @@ class RLTrainer:
         """Running per-sample std of the optimised reward (1.0 when ``normalize_reward`` is off)."""
         if not self.s.normalize_reward:
             return 1.0
-        from marval_rl.rl.distributed import all_cat
+        from marval_rl.distributed import all_cat
 
         totals = all_cat(totals)   # with several trainer ranks: one scale, over the global batch, on every rank
         std = float(totals.float().std()) if totals.numel() > 1 else 0.0
@@ -129,7 +129,7 @@ class RLTrainer:
 
     def step(self) -> float:
         """Average gradients across trainer ranks, clip, optimiser step; returns the pre-clip norm."""
-        from marval_rl.rl.distributed import average_gradients, check_in_sync
+        from marval_rl.distributed import average_gradients, check_in_sync
 
         clip = self.s.optim.grad_clip
         params = [p for p in self.policy.parameters() if p.requires_grad]
