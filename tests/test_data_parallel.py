@@ -214,3 +214,17 @@ def test_a_world_size_that_does_not_divide_the_global_batch_is_one_line(monkeypa
     assert code == 2 and len(err) == 1, err
     assert "distill.generator_optim.batch_size=8 is not divisible by the world size 3" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_accelerate_launch_runs_the_same_ranks(distill_runs, tmp_path):
+    # `accelerate launch` sets the same environment as torchrun; a seam that read only torchrun's variables
+    # (or initialised a second process group) would train as two independent processes and fail this
+    pytest.importorskip("accelerate")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]
+    proc = subprocess.run(launch + ["-m", "marval_rl.cli", "distill", *DISTILL, f"output_dir={tmp_path / 'acc'}"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["world_size"] == 2
+    assert_same_metrics(distill_runs / "two" / "distill_metrics.jsonl", tmp_path / "acc" / "distill_metrics.jsonl",
+                        ("gsim_loss", "fake_loss", "grad_norm", "score_gap"))
