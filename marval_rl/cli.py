@@ -18,7 +18,7 @@ from marval_rl.errors import user_error
 from marval_rl.preflight import (check_generator_inputs, check_output_dir, check_run_settings, check_train_inputs,
                                  prepare_output,
                                  validate_sections)
-from marval_rl.run_record import check_foreign_run, resume_source, write_run_record
+from marval_rl.run_record import check_foreign_run, output_lock, resume_source, write_run_record
 
 
 def cmd_validate(args) -> int:
@@ -90,7 +90,7 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def data_parallel(out_dir, fn) -> int:
+def data_parallel(out_dir, command: str, fn) -> int:
     """Run a training command's body under torchrun's process group when it launched us (one process
     otherwise): a rank whose peer died stops with one line (the state on disk is intact), and the group
     is torn down cleanly at the end."""
@@ -98,7 +98,8 @@ def data_parallel(out_dir, fn) -> int:
 
     distributed.stop_on_sigterm(out_dir)
     try:
-        code = fn()
+        with output_lock(out_dir, command):
+            code = fn()
     except Exception as e:  # noqa: BLE001
         stop = distributed.stopped_by_peer(e, out_dir)
         if stop is None:
@@ -141,7 +142,7 @@ def cmd_pretrain(args) -> int:
             print(strict_json.dumps(summary))
         return 0
 
-    return data_parallel(out, body)
+    return data_parallel(out, "pretrain", body)
 
 
 def cmd_distill(args) -> int:
@@ -185,7 +186,7 @@ def cmd_distill(args) -> int:
                               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
         return 0
 
-    return data_parallel(recipe.output_dir, body)
+    return data_parallel(recipe.output_dir, "distill", body)
 
 
 def cmd_train(args) -> int:
@@ -194,10 +195,11 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     check_output_dir(recipe.output_dir)
     check_train_inputs(recipe)
-    if args.overwrite:
-        prepare_output(recipe, "train", overwrite=True)
-    run_training(recipe, use_ray=False if args.no_ray else None,   # checks resume, writes the run record
-                 resume_from=args.resume)
+    with output_lock(recipe.output_dir, "train"):
+        if args.overwrite:
+            prepare_output(recipe, "train", overwrite=True)
+        run_training(recipe, use_ray=False if args.no_ray else None,   # checks resume, writes the run record
+                     resume_from=args.resume)
     return 0
 
 

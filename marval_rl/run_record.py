@@ -9,8 +9,10 @@ run's files are removed) and ``--resume PATH`` continues the state in PATH.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from marval_rl import strict_json
 from marval_rl.config import RecipeError, recipe_to_yaml
 from marval_rl.models.checkpoints import atomic_write
 
-RECIPE_FILE, RUN_FILE = "recipe.yaml", "run.json"
+RECIPE_FILE, RUN_FILE, LOCK_FILE = "recipe.yaml", "run.json", ".marval-rl.lock"
 
 # The keys a resumed run may change: run length, logging and placement. Anything else (seeds, sizes,
 # rewards, learning rates, worker counts: they decide the requests and the numbers) must match.
@@ -168,3 +170,47 @@ def write_run_record(out: Path, recipe, command: str) -> None:
     record = {"command": command, "argv": sys.argv, "version": version(),
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     atomic_write(out / RUN_FILE, lambda p: Path(p).write_text(strict_json.dumps(record, indent=1)))
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path, command: str):
+    """Hold ``out`` for this run: a second run into the same folder (two shells, a sweep launched twice)
+    stops with one line naming the first run's pid and start, instead of interleaving its metrics and
+    overwriting its record. An OS file lock (flock on ``out/.marval-rl.lock``), released when the process
+    ends however it ends, so a killed run never leaves a stale lock. Under torchrun rank 0 holds it.
+
+    A run that fails before it saved any state leaves no folder it created (as if it never started)."""
+    import fcntl
+
+    out = Path(out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        try:
+            holder = json.loads(f.read() or "{}")
+        except ValueError:
+            holder = {}
+        f.close()
+        raise RecipeError(f"output_dir {out} is in use by another marval-rl run (pid {holder.get('pid', '?')}, "
+                          f"`marval-rl {holder.get('command', '?')}` started {holder.get('started', '?')}); wait "
+                          f"for it to end or use another output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(strict_json.dumps({"pid": os.getpid(), "command": command,
+                               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}))
+    f.flush()
+    try:
+        yield
+    except BaseException:
+        if created and has_state(out, command) is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        f.close()

@@ -72,3 +72,39 @@ def test_a_recipe_may_not_read_the_environment(tmp_path, capsys, monkeypatch):
     from marval_rl.config import load_recipe
 
     assert load_recipe(str(tmp_path / "r.yaml")).output_dir == "hunter2"
+
+
+def test_two_runs_into_one_folder_the_second_is_refused_in_one_line(tmp_path):
+    # before: both `marval-rl` processes exited 0, the metrics interleaved, recipe.yaml was one run's and
+    # the weights the other's. Two real processes, as a user with two shells would start them.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "shared"
+    args = [sys.executable, "-m", "marval_rl.cli", "distill", "recipes/distill_embedded.yaml", "data.per_class=2",
+            "distill.generator_optim.steps=100000", "distill.fake_optim.steps=100000", "distill.log_every=1",
+            "distill.sample_every=0", "distill.checkpoint_every=0", f"output_dir={out}"]
+    first = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "distill_metrics.jsonl").is_file() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early"
+        second = subprocess.run(args + ["distill.seed=1"], cwd=root, capture_output=True, text=True, timeout=300)
+        err = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(err) == 1, second.stderr[-2000:]
+        assert f"output_dir {out} is in use by another marval-rl run (pid {first.pid}" in err[0]
+        assert first.poll() is None                                   # the first run goes on untouched
+        assert "distill.seed=1" not in (out / "run.json").read_text()  # the record is the first run's
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # a killed run leaves no stale lock: the next run into the folder is not refused
+    from marval_rl.run_record import output_lock
+
+    with output_lock(out, "distill"):
+        assert json.loads((out / ".marval-rl.lock").read_text())["pid"] == os.getpid()
