@@ -216,8 +216,9 @@ def cmd_cache(args) -> int:
     distributed.world()                    # torchrun / accelerate launch: join the process group
 
     def body() -> int:
+        main_rank = distributed.is_main()  # asked now: run_cache ends the process group before rank 0's write
         summary = run_cache(recipe, overwrite=args.overwrite, chunk_size=args.chunk_size, batch_size=args.batch_size)
-        if distributed.is_main():
+        if main_rank:
             print(json.dumps(summary))
         return 0
 

@@ -278,13 +278,14 @@ def run_cache(recipe, *, overwrite: bool = False, chunk_size: int = DEFAULT_CHUN
         mine = mine[:stop_after_chunks]
     bad = encode_chunks(vae, job, mine, recipe.device, num_workers=d.num_workers, progress=progress)
     bad = [e for errors in distributed.all_gather_object(bad) for e in errors]
+    main_rank = distributed.is_main()   # (asked before finish(): after it every process reads as rank 0)
     distributed.finish()   # the ranks are done; rank 0's long write below needs no peer waiting on it
     summary.update(chunks=job.num_chunks, chunks_encoded=len(pending), minutes=round((time.perf_counter() - t0) / 60, 2))
-    if bad and distributed.is_main():    # (rank 0 says it for all: one line, not one per rank)
+    if bad and main_rank:    # (rank 0 says it for all: one line, not one per rank)
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ValueError(f"cannot decode image {bad[0]}{more}; replace or remove it and rerun: the chunks "
                          f"already written to {job.parts_dir} are kept")
-    if bad or stop_after_chunks is not None or not distributed.is_main():
+    if bad or stop_after_chunks is not None or not main_rank:
         return {**summary, "stopped": stop_after_chunks is not None}
     missing = [k for k in range(job.num_chunks) if not job.part_path(k).is_file()]
     if missing:
