@@ -205,7 +205,8 @@ def cmd_cache(args) -> int:
                           "data.source=latents data.root=FILE)")
     check_output_dir(str(Path(d.cache_file).parent), "data.cache_file")
     if Path(d.cache_file).is_dir():
-        raise RecipeError(f"data.cache_file={d.cache_file} is a folder; give a file name (e.g. imagenet256.safetensors)")
+        raise RecipeError(f"data.cache_file={d.cache_file} is a folder; give a file name "
+                          f"(e.g. imagenet256.safetensors)")
     for name in ("chunk_size", "batch_size"):
         if getattr(args, name) < 1:
             raise RecipeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -363,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (("validate", cmd_validate, "print the resolved recipe"),
                                ("sample", cmd_sample, "sample images from the recipe's generator"),
                                ("pretrain", cmd_pretrain, "train the VAE / MAR teacher / evaluators"),
-                               ("cache", cmd_cache, "encode an image folder into a VAE latent cache (data.source=latents)"),
+                               ("cache", cmd_cache, "encode an image folder into VAE latents (data.source=latents)"),
                                ("distill", cmd_distill, "GSIM-distill a MAR teacher into a one-step MARVAL student"),
                                ("train", cmd_train, "RL post-training of a MARVAL policy (Ray rollout workers)"),
                                ("evaluate", cmd_evaluate, "sample per class and print quality metrics")):

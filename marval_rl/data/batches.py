@@ -28,7 +28,8 @@ def cache_moments(vae: AutoencoderKL, dataset, batch_size: int = 256) -> tuple[t
     return torch.cat(moments), torch.cat(labels)
 
 
-def dataset_moments(dataset, vae: AutoencoderKL, image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_moments(dataset, vae: AutoencoderKL,
+                    image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Moments [N, 2, 2C, h, w] and labels of a dataset: read from a latent cache (which must be this VAE's,
     at ``image_size`` when given), or encoded now."""
     if isinstance(dataset, CachedLatentSource):

@@ -191,7 +191,8 @@ def write_cache_file(path: Path, parts: list[Path], metadata: dict[str, str]) ->
 def check_cache_fits(cache: CachedLatentSource, vae: torch.nn.Module, image_size: int | None = None) -> None:
     """A cache is training data for one VAE at one image size: refuse one made by another VAE (its weights'
     fingerprint; a format-1 file, which has none, by the VAE's config) or at another ``image_size``."""
-    hint = "make one with this recipe: marval-rl cache RECIPE data.source=imagefolder data.root=IMAGES"
+    hint = ("make one with this VAE: marval-rl cache RECIPE data.source=imagefolder data.root=IMAGES "
+            "data.cache_file=FILE")
     if cache.vae_sha256:
         mine = vae_fingerprint(vae)
         if cache.vae_sha256 != mine:
@@ -280,7 +281,8 @@ def run_cache(recipe, *, overwrite: bool = False, chunk_size: int = DEFAULT_CHUN
     bad = [e for errors in distributed.all_gather_object(bad) for e in errors]
     main_rank = distributed.is_main()   # (asked before finish(): after it every process reads as rank 0)
     distributed.finish()   # the ranks are done; rank 0's long write below needs no peer waiting on it
-    summary.update(chunks=job.num_chunks, chunks_encoded=len(pending), minutes=round((time.perf_counter() - t0) / 60, 2))
+    summary.update(chunks=job.num_chunks, chunks_encoded=len(pending),
+                   minutes=round((time.perf_counter() - t0) / 60, 2))
     if bad and main_rank:    # (rank 0 says it for all: one line, not one per rank)
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ValueError(f"cannot decode image {bad[0]}{more}; replace or remove it and rerun: the chunks "
