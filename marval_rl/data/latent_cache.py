@@ -290,8 +290,9 @@ def run_cache(recipe, *, overwrite: bool = False, chunk_size: int = DEFAULT_CHUN
     if bad or stop_after_chunks is not None or not main_rank:
         return {**summary, "stopped": stop_after_chunks is not None}
     missing = [k for k in range(job.num_chunks) if not job.part_path(k).is_file()]
-    if missing:
-        return {**summary, "stopped": True, "chunks_missing": len(missing)}
+    if missing:   # every pending chunk was some rank's: a bug, not a user's mistake
+        raise RuntimeError(f"{len(missing)} chunk(s) of {job.num_chunks} have no part after every rank finished "
+                           f"(first: {job.part_path(missing[0])})")
     meta = cache_metadata(vae, job.image_size, job.classes, files_sha256=files_digest(job.samples, job.root),
                           num_images=str(len(job.samples)))
     summary["bytes"] = write_cache_file(out, [job.part_path(k) for k in range(job.num_chunks)], meta)

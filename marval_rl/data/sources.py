@@ -28,8 +28,8 @@ from .emoji import EmojiDataset
 if TYPE_CHECKING:
     from ..config import DataSection
 
-__all__ = ["center_crop_arr", "ImageFolderSource", "cache_latents", "CachedLatentSource", "build_source",
-           "SOURCES"]
+__all__ = ["center_crop_arr", "image_to_tensor", "ImageFolderSource", "cache_latents", "cache_metadata",
+           "vae_fingerprint", "CachedLatentSource", "build_source", "SOURCES"]
 
 SOURCES = ("emoji", "imagefolder", "latents")
 # /2 adds the VAE's weight fingerprint, the class names and the file list's digest; /1 files stay readable
