@@ -111,8 +111,8 @@ def test_cache_is_the_direct_encoding_of_each_image_and_its_flip(tree, tmp_path,
 
 
 def test_distill_and_pretrain_run_on_the_cache(tree, tmp_path, capsys):
-    """Catches: the latent source not wired into distill / MAR pretraining (shape, dtype, labels), a memory-mapped
-    cache that torch cannot index or sample from."""
+    """Catches: the cache's moments reaching distill / MAR pretraining in another layout (e.g. without the flip
+    axis), a memory-mapped cache that torch cannot index or sample from."""
     out = tmp_path / "c.safetensors"
     assert main(cache_args(tree, out)) == 0
     common = ["data.source=latents", f"data.root={out}", "distill.generator_optim.steps=2",
@@ -159,7 +159,8 @@ def test_interrupted_and_two_rank_caches_equal_one_process(tree, tmp_path):
 
 
 def test_resume_refuses_other_settings_and_an_up_to_date_cache_is_kept(tree, tmp_path, capsys):
-    """Catches: parts of another batch size / VAE mixed into one file, an existing cache silently replaced."""
+    """Catches: parts of another batch size (or VAE) mixed into one file, a finished cache encoded again or
+    silently replaced by one of another image size."""
     out = tmp_path / "c.safetensors"
     recipe = load_recipe(RECIPE, ["data.source=imagefolder", f"data.root={tree}", f"data.cache_file={out}"])
     run_cache(recipe, chunk_size=2, batch_size=2, stop_after_chunks=1, progress=False)
