@@ -173,8 +173,8 @@ def cmd_distill(args) -> int:
         vae = load_vae(recipe.vae, recipe.device)
         if vae is None:
             raise RecipeError("distill needs vae.checkpoint (the teacher's tokenizer)")
-        check_pair(teacher.config, vae, None if recipe.data.source == "latents" else recipe.data.image_size)
-        batches = LatentBatches(build_source(recipe.data, "train"), vae)
+        check_pair(teacher.config, vae, recipe.data.image_size)
+        batches = LatentBatches(build_source(recipe.data, "train"), vae, image_size=recipe.data.image_size)
         t0 = time.perf_counter()
         distributed.on_main(lambda: write_run_record(out, recipe, "distill"), "writing the run record")
         _, metrics = distill(teacher, vae, batches, recipe.distill, out, precision=recipe.precision,
@@ -187,6 +187,44 @@ def cmd_distill(args) -> int:
         return 0
 
     return data_parallel(recipe.output_dir, "distill", body)
+
+
+def cmd_cache(args) -> int:
+    from marval_rl import distributed
+    from marval_rl.data.latent_cache import run_cache
+    from marval_rl.loading import check_vae_section
+    from marval_rl.pretrain.common import check_data_section
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    d = recipe.data
+    if d.source != "imagefolder":
+        raise RecipeError(f"cache reads an image folder: set data.source=imagefolder and data.root=the class "
+                          f"folders (got data.source={d.source}); training then reads data.source=latents")
+    check_data_section(d)
+    if not d.cache_file:
+        raise RecipeError("cache needs data.cache_file (the file to write; training reads it with "
+                          "data.source=latents data.root=FILE)")
+    check_output_dir(str(Path(d.cache_file).parent), "data.cache_file")
+    if Path(d.cache_file).is_dir():
+        raise RecipeError(f"data.cache_file={d.cache_file} is a folder; give a file name "
+                          f"(e.g. imagenet256.safetensors)")
+    for name in ("chunk_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise RecipeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_device(recipe.device)
+    if not recipe.vae.checkpoint:
+        raise RecipeError("cache needs vae.checkpoint (the VAE whose latents training will read)")
+    check_vae_section(recipe.vae)
+    distributed.world()                    # torchrun / accelerate launch: join the process group
+
+    def body() -> int:
+        main_rank = distributed.is_main()  # asked now: run_cache ends the process group before rank 0's write
+        summary = run_cache(recipe, overwrite=args.overwrite, chunk_size=args.chunk_size, batch_size=args.batch_size)
+        if main_rank:
+            print(json.dumps(summary))
+        return 0
+
+    return data_parallel(Path(d.cache_file).parent, body)
 
 
 def cmd_train(args) -> int:
@@ -256,6 +294,8 @@ EXAMPLES = """examples:
   marval-rl train my_recipe.yaml --overwrite          start afresh in an output folder that holds a run
   marval-rl report outputs/quickstart_rl              rebuild a run's report.html
   marval-rl distill distill_embedded                  one-step student from the embedded teacher
+  marval-rl cache distill_b data.source=imagefolder data.root=IMAGENET/train data.cache_file=in256.safetensors
+  torchrun --standalone --nproc_per_node 8 -m marval_rl.cli cache ...   the same, sharded over 8 GPUs
   marval-rl evaluate quickstart_student               FID-proxy and accuracy of a generator
   marval-rl recipes --copy quickstart .               copy a recipe to edit
   marval-rl download mar_base kl16                    official weights into the Hugging Face cache
@@ -326,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (("validate", cmd_validate, "print the resolved recipe"),
                                ("sample", cmd_sample, "sample images from the recipe's generator"),
                                ("pretrain", cmd_pretrain, "train the VAE / MAR teacher / evaluators"),
+                               ("cache", cmd_cache, "encode an image folder into VAE latents (data.source=latents)"),
                                ("distill", cmd_distill, "GSIM-distill a MAR teacher into a one-step MARVAL student"),
                                ("train", cmd_train, "RL post-training of a MARVAL policy (Ray rollout workers)"),
                                ("evaluate", cmd_evaluate, "sample per class and print quality metrics")):
@@ -338,6 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("train", "distill", "pretrain"):
             sp.add_argument("--overwrite", action="store_true",
                             help="start afresh: remove what an earlier run wrote to output_dir")
+        if name == "cache":
+            from marval_rl.data.latent_cache import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_SIZE
+
+            sp.add_argument("--overwrite", action="store_true",
+                            help="start afresh: drop the parts of an earlier run and replace data.cache_file")
+            sp.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="N",
+                            help="images per part file (the unit a rerun skips; default %(default)s)")
+            sp.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                            help="images per VAE batch (default %(default)s)")
         if name in ("train", "distill"):
             sp.add_argument("--resume", metavar="PATH",
                             help="continue the state in PATH (a state file or a run's folder) into output_dir")

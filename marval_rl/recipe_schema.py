@@ -44,6 +44,7 @@ class DataSection:
     """Training images: rendered emoji entities (offline), an ImageFolder tree, or cached VAE latents."""
     source: str = "emoji"              # emoji | imagefolder | latents
     root: str = ""                     # imagefolder: the tree's root; latents: the cache file
+    cache_file: str = ""               # `marval-rl cache` writes the latents of data.root here (docs/data.md)
     image_size: int = 32
     per_class: int = 64                # emoji: renders per class in the train split
     augment: str = "full"              # emoji augmentation preset: none | light | full

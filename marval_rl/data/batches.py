@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from marval_rl import distributed
+from marval_rl.data.latent_cache import check_cache_fits
 from marval_rl.data.sources import CachedLatentSource
 from marval_rl.models.vae import AutoencoderKL, DiagonalGaussian
 
@@ -27,12 +28,12 @@ def cache_moments(vae: AutoencoderKL, dataset, batch_size: int = 256) -> tuple[t
     return torch.cat(moments), torch.cat(labels)
 
 
-def dataset_moments(dataset, vae: AutoencoderKL) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moments [N, 2, 2C, h, w] and labels of a dataset: read from a latent cache, or encoded now."""
+def dataset_moments(dataset, vae: AutoencoderKL,
+                    image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moments [N, 2, 2C, h, w] and labels of a dataset: read from a latent cache (which must be this VAE's,
+    at ``image_size`` when given), or encoded now."""
     if isinstance(dataset, CachedLatentSource):
-        if dataset.moments.shape[2] != 2 * vae.config.embed_dim:
-            raise ValueError(f"cached latents have {dataset.moments.shape[2] // 2} channels, the VAE "
-                             f"{vae.config.embed_dim}: the cache was made with another VAE")
+        check_cache_fits(dataset, vae, image_size)
         return dataset.moments, dataset.labels
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
@@ -42,20 +43,20 @@ def dataset_moments(dataset, vae: AutoencoderKL) -> tuple[torch.Tensor, torch.Te
 class LatentBatches:
     """Batches of scaled VAE latents for training: from cached moments, or encoded on the fly.
 
-    Small datasets (the emoji set, a cache file) keep every image's moments and its flip's in memory
-    and draw one of the two plus a posterior sample per step. Datasets larger than ``max_cached``
+    Small datasets (the emoji set) and cache files keep every image's moments and its flip's at hand (a
+    cache file memory-mapped) and draw one of the two plus a posterior sample per step. Datasets larger than ``max_cached``
     images (ImageNet as an ImageFolder) are encoded batch by batch instead, as MAR does without a
     latent cache; the flip then comes from the dataset's own augmentation.
     """
 
-    def __init__(self, dataset, vae: AutoencoderKL, max_cached: int = 200_000):
+    def __init__(self, dataset, vae: AutoencoderKL, max_cached: int = 200_000, image_size: int | None = None):
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
         self.dataset, self.vae, self.scale = dataset, vae, vae.config.latent_scale
         self.cached = isinstance(dataset, CachedLatentSource) or len(dataset) <= max_cached
         self.moments = self.labels = None
         if self.cached:
-            self.moments, self.labels = dataset_moments(dataset, vae)
+            self.moments, self.labels = dataset_moments(dataset, vae, image_size)
 
     def __len__(self) -> int:
         return len(self.dataset)

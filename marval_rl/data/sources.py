@@ -3,6 +3,10 @@
 
 Every image source yields ``(image float [3, H, W] in [-1, 1], int label)``; the latent source yields
 ``(moments float [2C, h, w], int label)`` (rebuild the posterior with ``DiagonalGaussian(moments[None])``).
+
+A latent cache is one safetensors file: ``moments`` float32 [N, 2, 2C, h, w] (index 1 = the horizontal flip) and
+``labels`` int64 [N], with metadata naming the VAE, the image size and the classes (:func:`cache_metadata`).
+``marval-rl cache`` writes ImageNet-sized ones (data/latent_cache.py); :func:`cache_latents` small ones in memory.
 """
 from __future__ import annotations
 
@@ -26,11 +30,14 @@ from marval_rl import strict_json
 if TYPE_CHECKING:
     from ..config import DataSection
 
-__all__ = ["center_crop_arr", "ImageFolderSource", "cache_latents", "CachedLatentSource", "build_source",
-           "SOURCES"]
+__all__ = ["center_crop_arr", "image_to_tensor", "ImageFolderSource", "cache_latents", "cache_metadata",
+           "vae_fingerprint", "CachedLatentSource", "build_source", "SOURCES"]
 
 SOURCES = ("emoji", "imagefolder", "latents")
-LATENT_FORMAT = "marval-rl-latents/1"
+# /2 adds the VAE's weight fingerprint, the class names and the file list's digest; /1 files stay readable
+# (their VAE is then checked by config only).
+LATENT_FORMAT = "marval-rl-latents/2"
+LATENT_FORMATS = ("marval-rl-latents/1", LATENT_FORMAT)
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
@@ -81,9 +88,14 @@ class ImageFolderSource(Dataset):
         image = center_crop_arr(image, self.image_size)
         if self.flip and torch.rand(()) < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        # ToTensor + Normalize(0.5, 0.5), written out so the dataset pickles for DataLoader workers.
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        return x.float() / 127.5 - 1.0, int(label)
+        return image_to_tensor(image), int(label)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> float [3, H, W] in [-1, 1]: ToTensor + Normalize(0.5, 0.5), written out so datasets
+    using it pickle for DataLoader workers."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    return x.float() / 127.5 - 1.0
 
 
 # ---- Cached latents -------------------------------------------------------------------------------------------
@@ -113,19 +125,65 @@ def cache_latents(vae: torch.nn.Module, dataset: Dataset, path: str | Path, batc
     finally:
         vae.train(was_training)
     tensors = {"moments": torch.cat(moments).contiguous(), "labels": torch.cat(labels).contiguous()}
-    config = getattr(vae, "config", None)
-    meta = {
-        "format": LATENT_FORMAT,
-        "vae_config": strict_json.dumps(config.to_dict() if hasattr(config, "to_dict") else {}),
-        "image_size": str(int(getattr(dataset, "image_size", 0) or tensors["moments"].shape[-1] * _stride(vae))),
-        "num_classes": str(int(getattr(dataset, "num_classes", int(tensors["labels"].max()) + 1))),
-    }
+    image_size = int(getattr(dataset, "image_size", 0) or tensors["moments"].shape[-1] * _stride(vae))
+    names = getattr(dataset, "class_names", None)
+    num_classes = int(getattr(dataset, "num_classes", int(tensors["labels"].max()) + 1))
+    meta = cache_metadata(vae, image_size, list(names) if names else [str(c) for c in range(num_classes)])
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
 def _stride(vae: torch.nn.Module) -> int:
     return int(getattr(getattr(vae, "config", None), "stride", 1))
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """sha256 of the VAE's weights (every state-dict entry's name, dtype, shape and bytes, in name order): the
+    same weights give the same fingerprint however they were loaded (official file or converted folder)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_metadata(vae: torch.nn.Module, image_size: int, class_names: list[str], **extra: str) -> dict[str, str]:
+    """The header of a latent cache: what a reader checks before training on it (which VAE, what size)."""
+    config = getattr(vae, "config", None)
+    return {"format": LATENT_FORMAT,
+            "vae_config": strict_json.dumps(config.to_dict() if hasattr(config, "to_dict") else {}, sort_keys=True),
+            "vae_sha256": vae_fingerprint(vae),
+            "image_size": str(int(image_size)),
+            "num_classes": str(len(class_names)),
+            "class_names": strict_json.dumps(list(class_names)),
+            **extra}
+
+
+def _tensor_layout(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data begins: the
+    format is an 8-byte little-endian header length, the JSON header, then the tensors' bytes."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def _map_tensor(path: Path, name: str) -> torch.Tensor:
+    """A float32 tensor of a safetensors file, memory-mapped rather than read: an ImageNet cache (84 GB) is
+    paged in as training touches it, and the ranks of one machine share those pages."""
+    header, start = _tensor_layout(path)
+    info = header[name]
+    if info["dtype"] != "F32":
+        raise ValueError(f"{path}: tensor {name!r} is {info['dtype']}, a latent cache stores float32 moments")
+    begin, end = info["data_offsets"]
+    shape = tuple(int(d) for d in info["shape"])
+    if end - begin != 4 * int(np.prod(shape, dtype=np.int64)):
+        raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+    if not int(np.prod(shape, dtype=np.int64)):
+        return torch.zeros(shape)
+    # mode "c": private copy-on-write pages, so torch gets a writable array and the file is never changed
+    return torch.from_numpy(np.memmap(path, dtype="<f4", mode="c", offset=start + begin, shape=shape))
 
 
 class CachedLatentSource(Dataset):
@@ -143,21 +201,28 @@ class CachedLatentSource(Dataset):
                 if not {"moments", "labels"} <= keys:
                     raise ValueError(f"{path} is not a latent cache: expected tensors 'moments' and 'labels', "
                                      f"found {sorted(keys)}")
-                self.moments = fh.get_tensor("moments")
                 self.labels = fh.get_tensor("labels").to(torch.int64)
+            self.moments = _map_tensor(path, "moments")
         except ValueError:
             raise
         except Exception as err:  # not a safetensors file at all
             raise ValueError(f"{path} is not a readable safetensors latent cache: {err}") from err
+        fmt = meta.get("format", LATENT_FORMATS[0])
+        if fmt not in LATENT_FORMATS:
+            raise ValueError(f"{path}: latent cache format {fmt!r} is not one this marval-rl reads "
+                             f"({', '.join(LATENT_FORMATS)}); a newer version wrote it")
         m, n = self.moments, self.labels.numel()
         if m.dim() != 5 or m.shape[1] != 2 or m.shape[2] % 2 or self.labels.dim() != 1 or m.shape[0] != n:
             raise ValueError(f"{path}: expected moments [N, 2, 2C, h, w] and labels [N], got "
                              f"{tuple(m.shape)} and {tuple(self.labels.shape)}")
         self.path, self.generator = path, generator
         self.vae_config = json.loads(meta.get("vae_config", "{}"))
+        self.vae_sha256 = meta.get("vae_sha256", "")          # "" in /1 files
         self.image_size = int(meta["image_size"]) if "image_size" in meta else None
         stored = meta.get("num_classes")
         self.num_classes = int(stored) if stored else (int(self.labels.max()) + 1 if n else 0)
+        self.class_names = json.loads(meta["class_names"]) if "class_names" in meta else None
+        self.metadata = meta
 
     def __len__(self) -> int:
         return self.labels.numel()

@@ -65,7 +65,7 @@ def train_mar(section: MARTrainSection, dataset, vae: AutoencoderKL, out_dir: Pa
     torch.manual_seed(seed)
     model = MAR(config).to(device)
     vae = vae.to(device).eval()
-    batches = LatentBatches(dataset, vae)
+    batches = LatentBatches(dataset, vae, image_size=image_size)
     generator = torch.Generator().manual_seed(seed)
     grid_labels = torch.arange(min(16, config.class_num))
 
