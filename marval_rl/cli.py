@@ -214,37 +214,46 @@ def token_sampler_for(model, head_steps):
 
 
 def cmd_evaluate(args) -> int:
-    from marval_rl.eval.evaluate import format_table, generate_images, score_images
-    from marval_rl.eval.fid import FIDProxy
-    from marval_rl.loading import load_generator, load_vae
-    from marval_rl.models.checkpoints import load_pretrained
+    from marval_rl import distributed
+    from marval_rl.eval.evaluate import build_scorers, evaluate_run
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_output_dir(recipe.output_dir)
     check_generator_inputs(recipe, "evaluate")
-    s, e = recipe.sample, recipe.evaluate
-    model = load_generator(recipe.model, recipe.device)
-    vae = load_vae(recipe.vae, recipe.device)
-    if vae is None:
-        raise RecipeError("evaluate needs vae.checkpoint to decode images")
-    classifier = load_pretrained(e.classifier, expected="classifier")
-    fid = FIDProxy(classifier, e.fid_stats)
-    classes = [int(c) for c in e.classes] or list(range(model.config.class_num))
-    labels = [c for c in classes for _ in range(e.per_class)]
-    if recipe.compile:
-        compile_generator(model, recipe.compile_mode)
-    with autocast(recipe.precision, recipe.device):   # generation only: the scores are computed in fp32
-        images, seconds = generate_images(model, vae, labels, num_iter=s.num_iter, cfg=s.cfg,
-                                          cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-                                          token_sampler=token_sampler_for(model, s.head_steps),
-                                          batch_size=e.batch_size, seed=s.seed)
-    head = "one-step" if not hasattr(model, "diffloss") else \
-        f"diffusion {s.head_steps or model.config.num_sampling_steps}"
-    row = {"generator": str(recipe.model.checkpoint), "head": head,
-           "K": s.num_iter, "cfg": s.cfg, "images": len(labels), **score_images(images, labels, classifier, fid),
-           "s_per_image": seconds / len(labels)}
-    print(format_table([row], list(row)))
-    print(json.dumps(row))
-    return 0
+    distributed.world()                    # torchrun / accelerate launch: join the process group
+
+    def body() -> int:
+        scorers, files = build_scorers(recipe)      # every file checked before the output folder is made
+        out = Path(recipe.output_dir) / "evaluate"
+        distributed.on_main(lambda: prepare_evaluate_output(recipe, out, args.overwrite), "preparing the output folder")
+        row = evaluate_run(recipe, scorers, files, out, token_sampler_for)
+        if distributed.is_main():
+            from marval_rl.eval.evaluate import paper_table
+
+            print(paper_table(row))
+            print(json.dumps(row))
+        return 0
+
+    return data_parallel(Path(recipe.output_dir) / "evaluate", body)
+
+
+def prepare_evaluate_output(recipe, out: Path, overwrite: bool) -> None:
+    """OUTPUT_DIR/evaluate: an earlier evaluation of this recipe resumes, another one's stops the run
+    (``--overwrite`` removes it); stale temp files of a killed write are removed."""
+    from marval_rl import run_record
+    from marval_rl.models.checkpoints import atomic_write, remove_stale_temps
+
+    remove_stale_temps(out)
+    if overwrite and out.is_dir():
+        removed = run_record.overwrite(out, "evaluate")
+        if removed:
+            print(f"[evaluate] --overwrite: removed {len(removed)} file(s) of the earlier evaluation in {out}")
+    run_record.check_resume(out, recipe, "evaluate")
+    write_run_record(out, recipe, "evaluate")
+    from marval_rl.eval.sharded import PROGRESS_FILE
+
+    if not (out / PROGRESS_FILE).is_file():   # before any chunk: a folder with chunks always has its state file
+        atomic_write(out / PROGRESS_FILE, lambda p: Path(p).write_text('{"chunks_done": 0}'))
 
 
 EXAMPLES = """examples:
@@ -255,6 +264,8 @@ EXAMPLES = """examples:
   marval-rl report outputs/quickstart_rl              rebuild a run's report.html
   marval-rl distill distill_embedded                  one-step student from the embedded teacher
   marval-rl evaluate quickstart_student               FID-proxy and accuracy of a generator
+  marval-rl evaluate my_recipe.yaml "evaluate.metrics=[fid,inception_score]" evaluate.num_images=50000 \
+      evaluate.reference_stats=fid_stats/adm_in256_stats.npz    FID-50k and IS (docs/evaluate.md)
   marval-rl recipes --copy quickstart .               copy a recipe to edit
   marval-rl download mar_base kl16                    official weights into the Hugging Face cache
 """
@@ -333,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             sp.add_argument("--no-ray", action="store_true",
                             help="run every rollout worker in this process (debugging, tests)")
-        if name in ("train", "distill", "pretrain"):
+        if name in ("train", "distill", "pretrain", "evaluate"):
             sp.add_argument("--overwrite", action="store_true",
                             help="start afresh: remove what an earlier run wrote to output_dir")
         if name in ("train", "distill"):
