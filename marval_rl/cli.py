@@ -216,6 +216,7 @@ def token_sampler_for(model, head_steps):
 def cmd_evaluate(args) -> int:
     from marval_rl import distributed
     from marval_rl.eval.evaluate import build_scorers, evaluate_run
+    from marval_rl.loading import load_generator, load_vae
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_output_dir(recipe.output_dir)
@@ -223,10 +224,15 @@ def cmd_evaluate(args) -> int:
     distributed.world()                    # torchrun / accelerate launch: join the process group
 
     def body() -> int:
-        scorers, files = build_scorers(recipe)      # every file checked before the output folder is made
+        # every model and file loads (and is checked) before the output folder is made
+        model = load_generator(recipe.model, recipe.device)
+        vae = load_vae(recipe.vae, recipe.device)
+        scorers, files = build_scorers(recipe)
+        if recipe.compile:
+            compile_generator(model, recipe.compile_mode)
         out = Path(recipe.output_dir) / "evaluate"
         distributed.on_main(lambda: prepare_evaluate_output(recipe, out, args.overwrite), "preparing the output folder")
-        row = evaluate_run(recipe, scorers, files, out, token_sampler_for)
+        row = evaluate_run(recipe, model, vae, scorers, files, out, token_sampler_for(model, recipe.sample.head_steps))
         if distributed.is_main():
             from marval_rl.eval.evaluate import paper_table
 

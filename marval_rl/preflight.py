@@ -167,8 +167,14 @@ def check_evaluate_section(e, num_classes: int) -> None:
     if rewards:
         from marval_rl.rewards.registry import resolve_reward_class
 
+        from marval_rl.rewards import RewardError
+
         for name in rewards:
-            resolve_reward_class(name)
+            try:
+                resolve_reward_class(name)
+            except RewardError as err:
+                raise RecipeError(f"evaluate.metrics: {name!r} is none of {list(BUILTIN_METRICS)}, nor a reward "
+                                  f"({err})") from None
     extra = sorted(set(e.reward_kwargs) - set(rewards))
     if extra:
         raise RecipeError(f"evaluate.reward_kwargs names {extra}, which are not reward metrics in evaluate.metrics")
@@ -185,9 +191,9 @@ def check_evaluate_section(e, num_classes: int) -> None:
         from marval_rl.eval.inception import _torch_fidelity, find_inception_weights, load_npz_stats
 
         _torch_fidelity()
-        find_inception_weights(e.inception_weights)
         if "fid" in e.metrics:
             load_npz_stats(e.reference_stats)
+        find_inception_weights(e.inception_weights)
 
 
 def check_train_inputs(recipe) -> None:

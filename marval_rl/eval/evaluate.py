@@ -171,38 +171,28 @@ def build_scorers(recipe) -> tuple[Scorers, dict]:
                    **kw), files
 
 
-def evaluate_run(recipe, scorers: Scorers, files: dict, out: Path, token_sampler_for) -> dict:
+def evaluate_run(recipe, model, vae, scorers: Scorers, files: dict, out: Path, token_sampler) -> dict:
     """Generate the recipe's item list chunk by chunk (this rank's share; resuming what ``out`` holds),
     score each chunk, and on rank 0 summarise every chunk into the run's row (also ``out/evaluate.json``)."""
     import json
 
     from marval_rl import distributed
-    from marval_rl.acceleration import autocast, compile_generator
+    from marval_rl.acceleration import autocast
     from marval_rl.eval.sharded import chunk_bounds, chunk_seed, item_labels, load_chunks, run_chunks
-    from marval_rl.loading import generator_config, load_generator, load_vae
+    from marval_rl.loading import generator_config
     from marval_rl.models.checkpoints import atomic_write
 
     s, e = recipe.sample, recipe.evaluate
     classes = [int(c) for c in e.classes] or list(range(generator_config(recipe.model)[1].class_num))
     labels = item_labels(classes, e.num_images or e.per_class * len(classes))
     bounds = chunk_bounds(len(labels), e.save_every)
-    state = {}
-
-    def generator():                   # loaded only when a chunk is left to make (a finished run just reports)
-        if not state:
-            state["model"] = load_generator(recipe.model, recipe.device)
-            state["vae"] = load_vae(recipe.vae, recipe.device)
-            if recipe.compile:
-                compile_generator(state["model"], recipe.compile_mode)
-        return state["model"], state["vae"]
 
     def compute(k: int) -> dict:
-        model, vae = generator()
         lo, hi = bounds[k]
         with autocast(recipe.precision, recipe.device):  # generation only: the scores are computed in fp32
             images, seconds = generate_images(model, vae, labels[lo:hi], num_iter=s.num_iter, cfg=s.cfg,
                                               cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-                                              token_sampler=token_sampler_for(model, s.head_steps),
+                                              token_sampler=token_sampler,
                                               batch_size=e.batch_size, seed=chunk_seed(s.seed, k), progress=False)
         outputs = scorers.outputs(images.float(), labels[lo:hi])
         outputs["seconds"] = torch.tensor([seconds], dtype=torch.float64)
@@ -215,8 +205,8 @@ def evaluate_run(recipe, scorers: Scorers, files: dict, out: Path, token_sampler
     if outputs["labels"].tolist() != labels:
         raise ValueError(f"{out}: the saved chunks hold other classes than this recipe's item list; evaluate into "
                          f"another output_dir or pass --overwrite")
-    arch = generator_config(recipe.model)[0]
-    head = "one-step" if arch != "mar" else f"diffusion {s.head_steps or generator_config(recipe.model)[1].num_sampling_steps}"
+    head = "one-step" if not hasattr(model, "diffloss") else \
+        f"diffusion {s.head_steps or model.config.num_sampling_steps}"
     row = {"generator": str(recipe.model.checkpoint), "head": head, "K": s.num_iter, "cfg": s.cfg,
            "images": len(labels), **scorers.summarize(outputs),
            "s_per_image": outputs["seconds"].sum().item() / len(labels),
