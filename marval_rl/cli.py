@@ -227,7 +227,7 @@ def cmd_evaluate(args) -> int:
         # every model and file loads (and is checked) before the output folder is made
         model = load_generator(recipe.model, recipe.device)
         vae = load_vae(recipe.vae, recipe.device)
-        scorers, files = build_scorers(recipe)
+        scorers, files = build_scorers(recipe, *evaluation_rewards(recipe))
         if recipe.compile:
             compile_generator(model, recipe.compile_mode)
         out = Path(recipe.output_dir) / "evaluate"
@@ -241,6 +241,22 @@ def cmd_evaluate(args) -> int:
         return 0
 
     return data_parallel(Path(recipe.output_dir) / "evaluate", body)
+
+
+def evaluation_rewards(recipe) -> tuple[dict, list | None]:
+    """The reward metrics of ``evaluate.metrics`` (registry names, built with ``evaluate.reward_kwargs``) on
+    the recipe's device, and the class names their prompts use."""
+    from marval_rl.eval.evaluate import BUILTIN_METRICS
+    from marval_rl.loading import generator_config
+    from marval_rl.rewards.registry import build_reward
+    from marval_rl.rl.rollout import class_names_for
+
+    e = recipe.evaluate
+    names = [m for m in e.metrics if m not in BUILTIN_METRICS]
+    if not names:
+        return {}, None
+    rewards = {n: build_reward(n, **dict(e.reward_kwargs.get(n) or {})).to(recipe.device) for n in names}
+    return rewards, class_names_for(generator_config(recipe.model)[1].class_num)
 
 
 def prepare_evaluate_output(recipe, out: Path, overwrite: bool) -> None:

@@ -156,7 +156,7 @@ def test_evaluate_command_with_fid_and_is(weights, tmp_path, capsys):
     ref = tmp_path / "adm_in256_stats.npz"
     np.savez(ref, mu=mu, sigma=np.zeros((2048, 2048)))
     out = tmp_path / "run"
-    assert main(["evaluate", "quickstart_student", "evaluate.metrics=[fid,inception_score,accuracy]",
+    assert main(["evaluate", "quickstart_student", "evaluate.metrics=[fid,inception_score,accuracy,embedded_clip]",
                  "evaluate.classes=[0,1]", "evaluate.num_images=4", "evaluate.is_splits=2", "sample.num_iter=2",
                  f"evaluate.inception_weights={weights}", f"evaluate.reference_stats={ref}",
                  f"output_dir={out}"]) == 0
@@ -166,10 +166,13 @@ def test_evaluate_command_with_fid_and_is(weights, tmp_path, capsys):
     assert row["reference_stats"] == str(ref.resolve()) and row["inception_weights"] == str(weights.resolve())
     assert row["images"] == 4 and row["s_per_image"] > 0 and row["inception_score"] >= 1
     header = next(x for x in lines if x.startswith("| generator"))
-    assert all(f"| {c} |" in header for c in ("images", "FID", "IS", "s/image", "accuracy"))
+    assert all(f"| {c} |" in header for c in ("images", "FID", "IS", "s/image", "accuracy", "embedded_clip"))
     chunk = load_file(str(out / "evaluate" / "chunks" / "chunk_00000.safetensors"))
     mu_g, sigma_g = moments64(chunk["pool3"].double().numpy())
     expected = float((mu_g - mu) @ (mu_g - mu) + np.trace(sigma_g))
     # torch-fidelity's eigvals of sigma_g @ 0 are exactly 0; the rest is float64 sums of 2048 terms
     assert row["fid"] == pytest.approx(expected, rel=1e-10)
     assert row["inception_score"] == pytest.approx(reference_is(chunk["logits_unbiased"].numpy(), 2)[0], rel=1e-12)
+    # a registry reward as a metric: its mean over the images, each scored against its class's prompt
+    assert row["rewards"] == ["embedded_clip"] and chunk["reward.embedded_clip"].shape == (4,)
+    assert row["embedded_clip"] == pytest.approx(chunk["reward.embedded_clip"].mean().item(), rel=1e-12)

@@ -135,9 +135,10 @@ def paper_table(row: dict) -> str:
     return format_table([{COLUMNS.get(k, k): row[k] for k in keys}], [COLUMNS.get(k, k) for k in keys])
 
 
-def build_scorers(recipe) -> tuple[Scorers, dict]:
+def build_scorers(recipe, rewards: dict | None = None, class_names=None) -> tuple[Scorers, dict]:
     """The evaluators the recipe's metrics need, loaded and checked (on this rank's device), and the files
-    they came from (named in the run's JSON)."""
+    they came from (named in the run's JSON). ``rewards``: the reward metrics, built by the caller (rewards
+    sit above eval in the layers), and ``class_names`` for their prompts."""
     from marval_rl.models.checkpoints import load_pretrained
 
     e, device = recipe.evaluate, torch.device(recipe.device)
@@ -158,15 +159,8 @@ def build_scorers(recipe) -> tuple[Scorers, dict]:
             files["reference_stats"] = str(Path(e.reference_stats).expanduser().resolve())
         kw["inception"], source = load_inception(e.inception_weights, device)
         files["inception_weights"] = str(Path(source).resolve())
-    rewards = [name for name in e.metrics if name not in BUILTIN_METRICS]
     if rewards:
-        from marval_rl.loading import generator_config
-        from marval_rl.rewards.registry import build_reward
-        from marval_rl.rl.rollout import class_names_for
-
-        kw["rewards"] = {name: build_reward(name, **dict(e.reward_kwargs.get(name) or {})).to(device)
-                         for name in rewards}
-        kw["class_names"] = class_names_for(generator_config(recipe.model)[1].class_num)
+        kw["rewards"], kw["class_names"] = rewards, class_names
     return Scorers(e.metrics, prompt_template=e.prompt_template, is_splits=e.is_splits, batch_size=e.batch_size,
                    **kw), files
 
