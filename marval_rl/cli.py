@@ -216,6 +216,7 @@ def token_sampler_for(model, head_steps):
 def cmd_evaluate(args) -> int:
     from marval_rl import distributed
     from marval_rl.eval.evaluate import build_scorers, evaluate_run
+    from marval_rl.hub import resolve
     from marval_rl.loading import load_generator, load_vae
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -231,7 +232,10 @@ def cmd_evaluate(args) -> int:
         if recipe.compile:
             compile_generator(model, recipe.compile_mode)
         out = Path(recipe.output_dir) / "evaluate"
-        distributed.on_main(lambda: prepare_evaluate_output(recipe, out, args.overwrite), "preparing the output folder")
+        inputs = {"model.checkpoint": resolve(recipe.model.checkpoint), "vae.checkpoint": resolve(recipe.vae.checkpoint),
+                  **{f"evaluate.{k}": v for k, v in files.items()}}
+        distributed.on_main(lambda: prepare_evaluate_output(recipe, out, args.overwrite, inputs),
+                            "preparing the output folder")
         row = evaluate_run(recipe, model, vae, scorers, files, out, token_sampler_for(model, recipe.sample.head_steps))
         if distributed.is_main():
             from marval_rl.eval.evaluate import paper_table
@@ -259,9 +263,10 @@ def evaluation_rewards(recipe) -> tuple[dict, list | None]:
     return rewards, class_names_for(generator_config(recipe.model)[1].class_num)
 
 
-def prepare_evaluate_output(recipe, out: Path, overwrite: bool) -> None:
-    """OUTPUT_DIR/evaluate: an earlier evaluation of this recipe resumes, another one's stops the run
-    (``--overwrite`` removes it); stale temp files of a killed write are removed."""
+def prepare_evaluate_output(recipe, out: Path, overwrite: bool, inputs: dict) -> None:
+    """OUTPUT_DIR/evaluate: an earlier evaluation of this recipe with the same ``inputs`` (files: weights,
+    statistics) resumes, another one's stops the run (``--overwrite`` removes it); stale temp files of a
+    killed write are removed."""
     from marval_rl import run_record
     from marval_rl.models.checkpoints import atomic_write, remove_stale_temps
 
@@ -271,8 +276,10 @@ def prepare_evaluate_output(recipe, out: Path, overwrite: bool) -> None:
         if removed:
             print(f"[evaluate] --overwrite: removed {len(removed)} file(s) of the earlier evaluation in {out}")
     run_record.check_resume(out, recipe, "evaluate")
+    from marval_rl.eval.sharded import PROGRESS_FILE, check_inputs
+
+    check_inputs(out, inputs)
     write_run_record(out, recipe, "evaluate")
-    from marval_rl.eval.sharded import PROGRESS_FILE
 
     if not (out / PROGRESS_FILE).is_file():   # before any chunk: a folder with chunks always has its state file
         atomic_write(out / PROGRESS_FILE, lambda p: Path(p).write_text('{"chunks_done": 0}'))

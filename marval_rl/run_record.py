@@ -43,7 +43,7 @@ OUTPUTS = {
     "pretrain": (["vae_train_state.pt", "mar_train_state.pt"], ["vae_metrics.jsonl", "mar_metrics.jsonl", "samples",
                                                                 "vae", "teacher"]),
     # evaluate writes into OUTPUT_DIR/evaluate (eval/sharded.py), beside whatever made OUTPUT_DIR
-    "evaluate": (["eval_progress.json"], ["chunks", "evaluate.json"]),
+    "evaluate": (["eval_progress.json"], ["chunks", "evaluate.json", "eval_inputs.json"]),
 }
 
 

@@ -79,6 +79,28 @@ def test_rerun_of_another_recipe_into_the_folder_is_refused(uninterrupted, capsy
     assert "sample.cfg" in capsys.readouterr().err
 
 
+def test_rerun_after_a_scored_file_changed_is_refused(tmp_path, capsys):
+    # catches: a rerun into the folder reporting the old chunks after the weights or statistics it scored
+    # with were replaced under the same path (a retrained model, recomputed statistics)
+    import os
+    import shutil
+
+    from marval_rl.config import asset_path
+
+    stats = tmp_path / "fid"
+    shutil.copytree(asset_path("embedded/fid"), stats)
+    args = ["evaluate", "quickstart_student", "evaluate.classes=[0,1]", "evaluate.num_images=2", "sample.num_iter=2",
+            f"evaluate.fid_stats={stats}", f"output_dir={tmp_path / 'run'}"]
+    assert main(args) == 0
+    assert main(args) == 0                  # unchanged: resumes (nothing left to do) and reports again
+    f = stats / "stats.safetensors"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "other files under evaluate.fid_stats" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
 def test_two_torchrun_ranks_equal_one_process(uninterrupted, tmp_path):
     # catches: ranks generating the same chunks (duplicates, missing items), rank-dependent seeds, rank > 0
     # writing, features gathered out of rank order
