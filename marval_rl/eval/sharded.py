@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from marval_rl import distributed
 from marval_rl.models.checkpoints import atomic_write
 
-CHUNK_DIR, PROGRESS_FILE = "chunks", "eval_progress.json"
+CHUNK_DIR, PROGRESS_FILE, INPUTS_FILE = "chunks", "eval_progress.json", "eval_inputs.json"
 
 
 def item_labels(classes: list[int], num_images: int) -> list[int]:
@@ -38,6 +38,32 @@ def chunk_bounds(num_images: int, chunk_size: int) -> list[tuple[int, int]]:
 def chunk_seed(seed: int, chunk: int) -> int:
     """The generator seed of chunk ``chunk`` (distinct chunks, distinct seeds; fits torch's 64-bit seed)."""
     return (int(seed) * 1_000_003 + int(chunk)) % (2 ** 63)
+
+
+def inputs_fingerprint(paths: dict[str, str]) -> dict[str, list]:
+    """key -> [[file, size, mtime_ns], ...] of the files under each path (a file, or a folder's files)."""
+    out = {}
+    for key, p in sorted(paths.items()):
+        p = Path(p)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+        out[key] = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return out
+
+
+def check_inputs(out: Path, paths: dict[str, str]) -> None:
+    """The first run records the files it scores with (weights, statistics); a rerun resumes only when they
+    are unchanged: the recipe can name the same path after its file was replaced (a retrained student)."""
+    from marval_rl.config import RecipeError
+
+    now, path = inputs_fingerprint(paths), Path(out) / INPUTS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            raise RecipeError(f"{out} holds an evaluation made with other files under {', '.join(changed)} (changed "
+                              f"since: size or modification time); pass --overwrite to evaluate afresh")
+        return
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(now, indent=1)))
 
 
 def chunk_path(out: Path, k: int) -> Path:
