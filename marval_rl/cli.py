@@ -16,7 +16,7 @@ from marval_rl.config import RecipeError, check_device, load_recipe, recipe_to_y
 from marval_rl.models.checkpoints import CheckpointError
 from marval_rl.errors import user_error
 from marval_rl.preflight import (check_generator_inputs, check_output_dir, check_run_settings, check_train_inputs,
-                                 prepare_output,
+                                 prepare_evaluate_output, prepare_output,
                                  validate_sections)
 from marval_rl.run_record import check_foreign_run, resume_source, write_run_record
 
@@ -261,28 +261,6 @@ def evaluation_rewards(recipe) -> tuple[dict, list | None]:
         return {}, None
     rewards = {n: build_reward(n, **dict(e.reward_kwargs.get(n) or {})).to(recipe.device) for n in names}
     return rewards, class_names_for(generator_config(recipe.model)[1].class_num)
-
-
-def prepare_evaluate_output(recipe, out: Path, overwrite: bool, inputs: dict) -> None:
-    """OUTPUT_DIR/evaluate: an earlier evaluation of this recipe with the same ``inputs`` (files: weights,
-    statistics) resumes, another one's stops the run (``--overwrite`` removes it); stale temp files of a
-    killed write are removed."""
-    from marval_rl import run_record
-    from marval_rl.models.checkpoints import atomic_write, remove_stale_temps
-
-    remove_stale_temps(out)
-    if overwrite and out.is_dir():
-        removed = run_record.overwrite(out, "evaluate")
-        if removed:
-            print(f"[evaluate] --overwrite: removed {len(removed)} file(s) of the earlier evaluation in {out}")
-    run_record.check_resume(out, recipe, "evaluate")
-    from marval_rl.eval.sharded import PROGRESS_FILE, check_inputs
-
-    check_inputs(out, inputs)
-    write_run_record(out, recipe, "evaluate")
-
-    if not (out / PROGRESS_FILE).is_file():   # before any chunk: a folder with chunks always has its state file
-        atomic_write(out / PROGRESS_FILE, lambda p: Path(p).write_text('{"chunks_done": 0}'))
 
 
 EXAMPLES = """examples:

@@ -240,3 +240,23 @@ def prepare_output(recipe, command: str, overwrite: bool = False, resume: str | 
                           f"or --overwrite")
     run_record.check_resume(out, recipe, command, source)
     return out
+
+
+def prepare_evaluate_output(recipe, out: Path, overwrite: bool, inputs: dict) -> None:
+    """OUTPUT_DIR/evaluate: an earlier evaluation of this recipe with the same ``inputs`` (files: weights,
+    statistics) resumes, another one's stops the run (``--overwrite`` removes it); stale temp files of a
+    killed write are removed."""
+    from marval_rl import run_record
+    from marval_rl.eval.sharded import PROGRESS_FILE, check_inputs
+    from marval_rl.models.checkpoints import atomic_write, remove_stale_temps
+
+    remove_stale_temps(out)
+    if overwrite and out.is_dir():
+        removed = run_record.overwrite(out, "evaluate")
+        if removed:
+            print(f"[evaluate] --overwrite: removed {len(removed)} file(s) of the earlier evaluation in {out}")
+    run_record.check_resume(out, recipe, "evaluate")
+    check_inputs(out, inputs)
+    run_record.write_run_record(out, recipe, "evaluate")
+    if not (out / PROGRESS_FILE).is_file():   # before any chunk: a folder with chunks always has its state file
+        atomic_write(out / PROGRESS_FILE, lambda p: Path(p).write_text('{"chunks_done": 0}'))
