@@ -16,7 +16,7 @@ from marval_rl.config import RecipeError, check_device, load_recipe, recipe_to_y
 from marval_rl.models.checkpoints import CheckpointError
 from marval_rl.errors import user_error
 from marval_rl.preflight import (check_generator_inputs, check_output_dir, check_run_settings, check_train_inputs,
-                                 prepare_output,
+                                 prepare_evaluate_output, prepare_output,
                                  validate_sections)
 from marval_rl.run_record import check_foreign_run, output_lock, resume_source, write_run_record
 
@@ -90,16 +90,19 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def data_parallel(out_dir, command: str, fn) -> int:
-    """Run a training command's body under torchrun's process group when it launched us (one process
-    otherwise): a rank whose peer died stops with one line (the state on disk is intact), and the group
-    is torn down cleanly at the end."""
+def data_parallel(out_dir, command: str | None, fn) -> int:
+    """Run a command's body under torchrun's process group when it launched us (one process otherwise),
+    holding ``out_dir`` for this run (``command``: run_record.output_lock; None: no lock): a rank whose
+    peer died stops with one line (the state on disk is intact), and the group is torn down at the end."""
     from marval_rl import distributed
 
     distributed.stop_on_sigterm(out_dir)
     try:
-        with output_lock(out_dir, command):
+        if command is None:
             code = fn()
+        else:
+            with output_lock(out_dir, command):
+                code = fn()
     except Exception as e:  # noqa: BLE001
         stop = distributed.stopped_by_peer(e, out_dir)
         if stop is None:
@@ -221,10 +224,10 @@ def cmd_cache(args) -> int:
         main_rank = distributed.is_main()  # asked now: run_cache ends the process group before rank 0's write
         summary = run_cache(recipe, overwrite=args.overwrite, chunk_size=args.chunk_size, batch_size=args.batch_size)
         if main_rank:
-            print(json.dumps(summary))
+            print(strict_json.dumps(summary))
         return 0
 
-    return data_parallel(Path(d.cache_file).parent, body)
+    return data_parallel(Path(d.cache_file).parent, None, body)   # (its parts folder is its own record)
 
 
 def cmd_train(args) -> int:
@@ -254,37 +257,53 @@ def token_sampler_for(model, head_steps):
 
 
 def cmd_evaluate(args) -> int:
-    from marval_rl.eval.evaluate import format_table, generate_images, score_images
-    from marval_rl.eval.fid import FIDProxy
+    from marval_rl import distributed
+    from marval_rl.eval.evaluate import build_scorers, evaluate_run
+    from marval_rl.hub import resolve
     from marval_rl.loading import load_generator, load_vae
-    from marval_rl.models.checkpoints import load_pretrained
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_output_dir(recipe.output_dir)
     check_generator_inputs(recipe, "evaluate")
-    s, e = recipe.sample, recipe.evaluate
-    model = load_generator(recipe.model, recipe.device)
-    vae = load_vae(recipe.vae, recipe.device)
-    if vae is None:
-        raise RecipeError("evaluate needs vae.checkpoint to decode images")
-    classifier = load_pretrained(e.classifier, expected="classifier")
-    fid = FIDProxy(classifier, e.fid_stats)
-    classes = [int(c) for c in e.classes] or list(range(model.config.class_num))
-    labels = [c for c in classes for _ in range(e.per_class)]
-    if recipe.compile:
-        compile_generator(model, recipe.compile_mode)
-    with autocast(recipe.precision, recipe.device):   # generation only: the scores are computed in fp32
-        images, seconds = generate_images(model, vae, labels, num_iter=s.num_iter, cfg=s.cfg,
-                                          cfg_schedule=s.cfg_schedule, temperature=s.temperature,
-                                          token_sampler=token_sampler_for(model, s.head_steps),
-                                          batch_size=e.batch_size, seed=s.seed)
-    head = "one-step" if not hasattr(model, "diffloss") else \
-        f"diffusion {s.head_steps or model.config.num_sampling_steps}"
-    row = {"generator": str(recipe.model.checkpoint), "head": head,
-           "K": s.num_iter, "cfg": s.cfg, "images": len(labels), **score_images(images, labels, classifier, fid),
-           "s_per_image": seconds / len(labels)}
-    print(format_table([row], list(row)))
-    print(strict_json.dumps(row))
-    return 0
+    distributed.world()                    # torchrun / accelerate launch: join the process group
+
+    def body() -> int:
+        # every model and file loads (and is checked) before the output folder is made
+        model = load_generator(recipe.model, recipe.device)
+        vae = load_vae(recipe.vae, recipe.device)
+        scorers, files = build_scorers(recipe, *evaluation_rewards(recipe))
+        if recipe.compile:
+            compile_generator(model, recipe.compile_mode)
+        out = Path(recipe.output_dir) / "evaluate"
+        inputs = {"model.checkpoint": resolve(recipe.model.checkpoint), "vae.checkpoint": resolve(recipe.vae.checkpoint),
+                  **{f"evaluate.{k}": v for k, v in files.items()}}
+        distributed.on_main(lambda: prepare_evaluate_output(recipe, out, args.overwrite, inputs),
+                            "preparing the output folder")
+        row = evaluate_run(recipe, model, vae, scorers, files, out, token_sampler_for(model, recipe.sample.head_steps))
+        if distributed.is_main():
+            from marval_rl.eval.evaluate import paper_table
+
+            print(paper_table(row))
+            print(strict_json.dumps(row))
+        return 0
+
+    return data_parallel(Path(recipe.output_dir) / "evaluate", "evaluate", body)
+
+
+def evaluation_rewards(recipe) -> tuple[dict, list | None]:
+    """The reward metrics of ``evaluate.metrics`` (registry names, built with ``evaluate.reward_kwargs``) on
+    the recipe's device, and the class names their prompts use."""
+    from marval_rl.eval.evaluate import BUILTIN_METRICS
+    from marval_rl.loading import generator_config
+    from marval_rl.rewards.registry import build_reward
+    from marval_rl.rl.rollout import class_names_for
+
+    e = recipe.evaluate
+    names = [m for m in e.metrics if m not in BUILTIN_METRICS]
+    if not names:
+        return {}, None
+    rewards = {n: build_reward(n, **dict(e.reward_kwargs.get(n) or {})).to(recipe.device) for n in names}
+    return rewards, class_names_for(generator_config(recipe.model)[1].class_num)
 
 
 EXAMPLES = """examples:
@@ -297,6 +316,8 @@ EXAMPLES = """examples:
   marval-rl cache distill_b data.source=imagefolder data.root=IMAGENET/train data.cache_file=in256.safetensors
   torchrun --standalone --nproc_per_node 8 -m marval_rl.cli cache ...   the same, sharded over 8 GPUs
   marval-rl evaluate quickstart_student               FID-proxy and accuracy of a generator
+  marval-rl evaluate my_recipe.yaml "evaluate.metrics=[fid,inception_score]" evaluate.num_images=50000 \
+      evaluate.reference_stats=fid_stats/adm_in256_stats.npz    FID-50k and IS (docs/evaluate.md)
   marval-rl recipes --copy quickstart .               copy a recipe to edit
   marval-rl download mar_base kl16                    official weights into the Hugging Face cache
 """
@@ -376,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             sp.add_argument("--no-ray", action="store_true",
                             help="run every rollout worker in this process (debugging, tests)")
-        if name in ("train", "distill", "pretrain"):
+        if name in ("train", "distill", "pretrain", "evaluate"):
             sp.add_argument("--overwrite", action="store_true",
                             help="start afresh: remove what an earlier run wrote to output_dir")
         if name == "cache":

@@ -145,11 +145,55 @@ def check_generator_inputs(recipe, command: str, device_here: bool = True):
                 raise RecipeError(f"evaluate.{name} must be >= 1, got {getattr(e, name)}")
         if not recipe.vae.checkpoint:
             raise RecipeError("evaluate needs vae.checkpoint to decode images")
-        for name in ("classifier", "fid_stats"):
+        check_evaluate_section(e, len(classes) or cfg.class_num)
+    return arch, cfg
+
+
+def check_evaluate_section(e, num_classes: int) -> None:
+    """The evaluate section's values and files, before any model loads (the Inception weights' layout and
+    the reference statistics' shapes are checked when they load, still before anything is written)."""
+    from marval_rl.eval.evaluate import BUILTIN_METRICS, INCEPTION_METRICS
+
+    for name in ("save_every", "is_splits"):
+        if getattr(e, name) < 1:
+            raise RecipeError(f"evaluate.{name} must be >= 1, got {getattr(e, name)}")
+    if e.num_images < 0 or e.num_images % num_classes:
+        raise RecipeError(f"evaluate.num_images must be 0 (per_class x classes) or a positive multiple of the "
+                          f"{num_classes} classes (class-balanced, as FID-50k over ImageNet's 1000), got {e.num_images}")
+    if not e.metrics or len(set(e.metrics)) != len(e.metrics) or not all(isinstance(m, str) for m in e.metrics):
+        raise RecipeError(f"evaluate.metrics must be a list of distinct names (of {list(BUILTIN_METRICS)} or a "
+                          f"reward's), got {list(e.metrics)}")
+    rewards = [m for m in e.metrics if m not in BUILTIN_METRICS]
+    if rewards:
+        from marval_rl.rewards.registry import resolve_reward_class
+
+        from marval_rl.rewards import RewardError
+
+        for name in rewards:
+            try:
+                resolve_reward_class(name)
+            except RewardError as err:
+                raise RecipeError(f"evaluate.metrics: {name!r} is none of {list(BUILTIN_METRICS)}, nor a reward "
+                                  f"({err})") from None
+    extra = sorted(set(e.reward_kwargs) - set(rewards))
+    if extra:
+        raise RecipeError(f"evaluate.reward_kwargs names {extra}, which are not reward metrics in evaluate.metrics")
+    if {"fid_proxy", "accuracy"} & set(e.metrics):
+        names = ("classifier", "fid_stats") if "fid_proxy" in e.metrics else ("classifier",)
+        for name in names:
             if not Path(getattr(e, name)).is_dir():
                 raise RecipeError(f"evaluate.{name}: {getattr(e, name)} is not a folder (the embedded evaluators: "
                                   f"`marval-rl pretrain recipes/pretrain_embedded.yaml pretrain.stages=[classifier]`)")
-    return arch, cfg
+    n = e.num_images or e.per_class * num_classes
+    if "inception_score" in e.metrics and n < e.is_splits:
+        raise RecipeError(f"evaluate.is_splits={e.is_splits} needs at least as many images, the recipe makes {n}")
+    if set(INCEPTION_METRICS) & set(e.metrics):
+        from marval_rl.eval.inception import _torch_fidelity, find_inception_weights, load_npz_stats
+
+        _torch_fidelity()
+        if "fid" in e.metrics:
+            load_npz_stats(e.reference_stats)
+        find_inception_weights(e.inception_weights)
 
 
 def check_train_inputs(recipe) -> None:
@@ -196,3 +240,23 @@ def prepare_output(recipe, command: str, overwrite: bool = False, resume: str | 
                           f"or --overwrite")
     run_record.check_resume(out, recipe, command, source)
     return out
+
+
+def prepare_evaluate_output(recipe, out: Path, overwrite: bool, inputs: dict) -> None:
+    """OUTPUT_DIR/evaluate: an earlier evaluation of this recipe with the same ``inputs`` (files: weights,
+    statistics) resumes, another one's stops the run (``--overwrite`` removes it); stale temp files of a
+    killed write are removed."""
+    from marval_rl import run_record
+    from marval_rl.eval.sharded import PROGRESS_FILE, check_inputs
+    from marval_rl.models.checkpoints import atomic_write, remove_stale_temps
+
+    remove_stale_temps(out)
+    if overwrite and out.is_dir():
+        removed = run_record.overwrite(out, "evaluate")
+        if removed:
+            print(f"[evaluate] --overwrite: removed {len(removed)} file(s) of the earlier evaluation in {out}")
+    run_record.check_resume(out, recipe, "evaluate")
+    check_inputs(out, inputs)
+    run_record.write_run_record(out, recipe, "evaluate")
+    if not (out / PROGRESS_FILE).is_file():   # before any chunk: a folder with chunks always has its state file
+        atomic_write(out / PROGRESS_FILE, lambda p: Path(p).write_text('{"chunks_done": 0}'))

@@ -210,10 +210,21 @@ class TrainSection:
 
 @dataclass
 class EvaluateSection:
-    per_class: int = 10                # samples per class
+    """``marval-rl evaluate``: a fixed, class-balanced list of (class, seed) items, generated in resumable
+    chunks (sharded over ranks under torchrun) and scored (docs/evaluate.md)."""
+    metrics: list = field(default_factory=lambda: ["fid_proxy", "accuracy"])  # also fid | inception_score |
+                                       # a reward name (clip_score, image_reward, pickscore, ...: the registry)
+    per_class: int = 10                # samples per class (when num_images is 0)
+    num_images: int = 0                # total images, a multiple of the class count (50000: FID-50k); 0 = per_class x classes
     classes: list = field(default_factory=list)  # class ids; empty = all
-    classifier: str = "${asset:embedded/classifier}"
-    fid_stats: str = "${asset:embedded/fid}"
+    classifier: str = "${asset:embedded/classifier}"   # fid_proxy / accuracy
+    fid_stats: str = "${asset:embedded/fid}"           # fid_proxy's reference statistics
+    inception_weights: str = ""        # fid / inception_score: pt_inception-2015-12-05-6726825d.pth; "" = torch hub cache
+    reference_stats: str = ""          # fid: .npz with mu [2048], sigma [2048, 2048] (MAR's fid_stats/adm_in256_stats.npz)
+    is_splits: int = 10                # Inception Score splits (torch-fidelity's and MAR's 10)
+    reward_kwargs: dict = field(default_factory=dict)  # reward metric name -> its constructor kwargs
+    prompt_template: str = "photo"     # reward metrics' prompt per class (marval_rl.data.prompts.TEMPLATES or "{}")
+    save_every: int = 1000             # images per saved chunk: a killed run redoes at most this many per rank
     batch_size: int = 64
 
 

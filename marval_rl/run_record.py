@@ -45,6 +45,8 @@ OUTPUTS = {
     "distill": (["distill_train_state.pt"], ["distill_metrics.jsonl", "samples", "student"]),
     "pretrain": (["vae_train_state.pt", "mar_train_state.pt"], ["vae_metrics.jsonl", "mar_metrics.jsonl", "samples",
                                                                 "vae", "teacher"]),
+    # evaluate writes into OUTPUT_DIR/evaluate (eval/sharded.py), beside whatever made OUTPUT_DIR
+    "evaluate": (["eval_progress.json"], ["chunks", "evaluate.json", "eval_inputs.json"]),
 }
 
 

@@ -56,6 +56,13 @@ def bad(tmp_path_factory):
     (root / "scalar.yaml").write_text("42\n")
     (root / "broken.yaml").write_text("sample: {cfg: [\n")
     (root / "two_braces.json").write_text("{")
+    # FID inputs: an Inception state dict of another layout, reference statistics of another feature size
+    torch.save({"fc.weight": torch.zeros(10, 2048), "Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3),
+                "extra.weight": torch.zeros(1)}, root / "not_inception.pth")
+    import numpy as np
+
+    np.savez(root / "stats64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(root / "stats_nokeys.npz", mean=np.zeros(2048))
     base = [f"model.checkpoint={root / 'student'}", f"vae.checkpoint={root / 'vae'}",
             f"train.rewards=[{{name: '{REWARD_FILE}:Brightness'}}]", "train.iterations=1",
             "train.rollouts_per_worker=4", "train.group_size=2", "train.num_iter=4", "train.classes=[0,1,2,3]",
@@ -235,6 +242,27 @@ CASES = [
     ("evaluate_batch_size_zero", E + " evaluate.batch_size=0", r"evaluate\.batch_size must be >= 1"),
     ("evaluate_classifier_missing", E + " evaluate.classifier=/no/clf", r"evaluate\.classifier.*/no/clf"),
     ("evaluate_without_vae", E + " \"vae.checkpoint=''\"", r"evaluate needs vae\.checkpoint"),
+    ("evaluate_fid_without_reference_stats", E + " evaluate.metrics=[fid]",
+     r"evaluate\.reference_stats is empty.*adm_in256_stats\.npz in github\.com/LTH14/mar"),
+    ("evaluate_reference_stats_wrong_shape", E + " evaluate.metrics=[fid] evaluate.reference_stats={R}/stats64.npz",
+     r"reference_stats: .*stats64\.npz has mu \(64,\).*mu \(2048,\)"),
+    ("evaluate_reference_stats_without_mu_sigma",
+     E + " evaluate.metrics=[fid] evaluate.reference_stats={R}/stats_nokeys.npz", r"stats_nokeys\.npz has keys \['mean'\]"),
+    ("evaluate_reference_stats_missing", E + " evaluate.metrics=[fid] evaluate.reference_stats=/no/stats.npz",
+     r"evaluate\.reference_stats: /no/stats\.npz is not a file"),
+    ("evaluate_inception_weights_missing", E + " evaluate.metrics=[inception_score] evaluate.is_splits=1 "
+     "evaluate.inception_weights=/no/inception.pth", r"evaluate\.inception_weights: /no/inception\.pth is not a file"),
+    ("evaluate_inception_weights_wrong_layout_traceback", E + " evaluate.metrics=[inception_score] evaluate.is_splits=1 "
+     "evaluate.inception_weights={R}/not_inception.pth",
+     r"inception_weights: .*not_inception\.pth is not the 2015-12-05 TF Inception.*missing keys \(e\.g\. Conv2d_1a_3x3"
+     r"\.bn\.weight\); 1 unexpected keys \(e\.g\. extra\.weight\); 1 shape mismatches \(e\.g\. fc\.weight \(10, 2048\)"),
+    ("evaluate_inception_weights_unsafe_pickle", E + " evaluate.metrics=[inception_score] evaluate.is_splits=1 "
+     "evaluate.inception_weights={R}/evil.pth", r"inception_weights: refusing to load .*evil\.pth"),
+    ("evaluate_is_splits_above_images", E + " evaluate.metrics=[inception_score]", r"evaluate\.is_splits=10 needs"),
+    ("evaluate_num_images_not_class_balanced", E + " evaluate.classes=[0,1] evaluate.num_images=3",
+     r"evaluate\.num_images must be .* multiple of the 2 classes"),
+    ("evaluate_unknown_metric", E + " evaluate.metrics=[fid50k]", r"evaluate\.metrics: 'fid50k' is none of"),
+    ("evaluate_save_every_zero", E + " evaluate.save_every=0", r"evaluate\.save_every must be >= 1"),
 ]
 
 
@@ -274,6 +302,15 @@ def test_missing_optional_dependency(bad, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert main(_argv(T + " train.wandb=offline", bad, out)) == 2
     _check_one_error_line(capsys.readouterr().err, r"train\.wandb=offline needs wandb.*pip install")
+    assert not out.exists()
+
+
+def test_fid_without_torch_fidelity(bad, tmp_path, capsys, monkeypatch):
+    # catches: evaluate.metrics=[fid] without the fid extra ending in an ImportError traceback
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    out = tmp_path / "out"
+    assert main(_argv(E + " evaluate.metrics=[inception_score] evaluate.is_splits=1", bad, out)) == 2
+    _check_one_error_line(capsys.readouterr().err, r"need torch-fidelity: pip install 'marval-rl\[fid\]'")
     assert not out.exists()
 
 

@@ -51,7 +51,7 @@ def test_shipped_student_quality(shipped):
     assert s["fid_proxy"] < 1.1 * full["fid_proxy"], (s, full)      # within 10% of the 100-step teacher
 
 
-def test_evaluate_command_prints_table_and_json(capsys):
+def test_evaluate_command_prints_table_and_json(capsys, tmp_path):
     import json
     from pathlib import Path
 
@@ -59,7 +59,7 @@ def test_evaluate_command_prints_table_and_json(capsys):
 
     recipe = Path(__file__).parents[1] / "recipes" / "quickstart_teacher.yaml"
     assert main(["evaluate", str(recipe), "evaluate.per_class=2", "evaluate.classes=[0,1,2,3,4,5,6,7]",
-                 "sample.num_iter=4", "sample.head_steps=10"]) == 0
+                 "sample.num_iter=4", "sample.head_steps=10", f"output_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     row = json.loads(out[-1])
     assert row["images"] == 16 and row["head"] == "diffusion 10" and 0 <= row["classifier_acc"] <= 1
