@@ -195,6 +195,7 @@ def cmd_distill(args) -> int:
 def cmd_cache(args) -> int:
     from marval_rl import distributed
     from marval_rl.data.latent_cache import run_cache
+    from marval_rl.loading import load_vae
     from marval_rl.loading import check_vae_section
     from marval_rl.pretrain.common import check_data_section
 
@@ -222,7 +223,8 @@ def cmd_cache(args) -> int:
 
     def body() -> int:
         main_rank = distributed.is_main()  # asked now: run_cache ends the process group before rank 0's write
-        summary = run_cache(recipe, overwrite=args.overwrite, chunk_size=args.chunk_size, batch_size=args.batch_size)
+        summary = run_cache(recipe, load_vae(recipe.vae, recipe.device), overwrite=args.overwrite,
+                            chunk_size=args.chunk_size, batch_size=args.batch_size)
         if main_rank:
             print(strict_json.dumps(summary))
         return 0

@@ -188,7 +188,10 @@ def output_lock(out: str | Path, command: str):
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    created = not out.exists()
+    created = out                      # the outermost folder this run makes (removed if it fails early)
+    while not created.parent.exists():
+        created = created.parent
+    created = None if out.exists() else created
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / LOCK_FILE, "a+")
     try:
@@ -211,8 +214,8 @@ def output_lock(out: str | Path, command: str):
     try:
         yield
     except BaseException:
-        if created and has_state(out, command) is None:
-            shutil.rmtree(out, ignore_errors=True)
+        if created is not None and has_state(out, command) is None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
         f.close()

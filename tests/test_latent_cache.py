@@ -135,15 +135,15 @@ def test_interrupted_and_two_rank_caches_equal_one_process(tree, tmp_path):
     recipe = load_recipe(RECIPE, ["data.source=imagefolder", f"data.root={tree}",
                                   f"data.cache_file={tmp_path / 'one.safetensors'}"])
     with one_thread():
-        one = run_cache(recipe, chunk_size=2, batch_size=2, progress=False)           # 5 chunks: 2,2,2,2,1
+        one = run_cache(recipe, load_vae(recipe.vae), chunk_size=2, batch_size=2, progress=False)           # 5 chunks: 2,2,2,2,1
         recipe.data.cache_file = str(tmp_path / "resumed.safetensors")
-        first = run_cache(recipe, chunk_size=2, batch_size=2, stop_after_chunks=2, progress=False)
+        first = run_cache(recipe, load_vae(recipe.vae), chunk_size=2, batch_size=2, stop_after_chunks=2, progress=False)
         parts = tmp_path / "resumed.safetensors.parts"
         assert first["stopped"] and not (tmp_path / "resumed.safetensors").exists()
         assert sorted(p.name for p in parts.glob("part-*")) == ["part-000000.safetensors", "part-000001.safetensors"]
         (parts / "part-000001.safetensors").unlink()
         (parts / "part-000002.safetensors").write_bytes((parts / "part-000000.safetensors").read_bytes())  # chunk 0's
-        rest = run_cache(recipe, chunk_size=2, batch_size=2, progress=False)
+        rest = run_cache(recipe, load_vae(recipe.vae), chunk_size=2, batch_size=2, progress=False)
     assert one["chunks"] == 5 and rest["chunks_encoded"] == 4      # chunk 0 reused; 1..4 encoded (2 was stale)
     ref = (tmp_path / "one.safetensors").read_bytes()
     assert (tmp_path / "resumed.safetensors").read_bytes() == ref
@@ -163,7 +163,7 @@ def test_resume_refuses_other_settings_and_an_up_to_date_cache_is_kept(tree, tmp
     silently replaced by one of another image size."""
     out = tmp_path / "c.safetensors"
     recipe = load_recipe(RECIPE, ["data.source=imagefolder", f"data.root={tree}", f"data.cache_file={out}"])
-    run_cache(recipe, chunk_size=2, batch_size=2, stop_after_chunks=1, progress=False)
+    run_cache(recipe, load_vae(recipe.vae), chunk_size=2, batch_size=2, stop_after_chunks=1, progress=False)
     assert main(cache_args(tree, out, "--chunk-size", "2", "--batch-size", "3")) == 2
     _one_line_error(capsys, "batch_size 2 -> 3", "--overwrite")
     assert main(cache_args(tree, out, "--chunk-size", "2", "--batch-size", "2")) == 0

@@ -248,19 +248,18 @@ def _prepare(job: CacheJob, vae_sha256: str, overwrite: bool) -> list[int] | Non
     return [k for k in range(job.num_chunks) if not job.part_done(k)]
 
 
-def run_cache(recipe, *, overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
+def run_cache(recipe, vae, *, overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
               batch_size: int = DEFAULT_BATCH_SIZE, stop_after_chunks: int | None = None,
               progress: bool = True) -> dict:
-    """``marval-rl cache``: encode the recipe's image folder with its VAE into ``data.cache_file``, this rank's
+    """``marval-rl cache``: encode the recipe's image folder with ``vae`` (the recipe's ``vae.checkpoint``,
+    loaded by the caller) into ``data.cache_file``, this rank's
     share of the chunks; rank 0 assembles the file. ``stop_after_chunks`` (tests) stops each rank after that
     many chunks, as a kill would, leaving the parts for a rerun. Returns a summary (rank 0's is complete)."""
     from marval_rl.config import RecipeError
-    from marval_rl.loading import load_vae
 
     d, t0 = recipe.data, time.perf_counter()
     out = Path(d.cache_file)
     tree = image_folder(d.root, d.image_size)
-    vae = load_vae(recipe.vae, recipe.device)
     if vae is None:
         raise RecipeError("cache needs vae.checkpoint (the VAE whose latents training will read)")
     if d.image_size % vae.config.stride:
