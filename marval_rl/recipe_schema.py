@@ -120,6 +120,15 @@ class PretrainSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (peft) on Linear layers (marval_rl/lora.py); off while ``targets`` is empty."""
+    targets: list = field(default_factory=list)  # groups (backbone | head) or module names (peft's suffix match)
+    rank: int = 8                      # r: the adapter's inner dimension
+    alpha: float = 16.0                # the update B A is scaled by alpha / rank
+    dropout: float = 0.0               # dropout on the adapter's input (RL: must be 0, the replay equals the rollout)
+
+
+@dataclass
 class DistillSection:
     """GSIM distillation of the teacher's diffusion head into a one-step head (docs/distill.md)."""
     cfg: float = 1.2                   # MAR's guidance scale, 1 = none: teacher eps = eps(null) + cfg (eps(c) - eps(null))
@@ -168,7 +177,8 @@ class TrainSection:
     prompt_template: str = "photo"       # key of marval_rl.data.prompts.TEMPLATES or a string with {}
     class_names: list = field(default_factory=list)  # entity names per class id; empty = emoji-56 / ImageNet
     trainable: list = field(default_factory=lambda: ["head"])  # parameter groups: head | class_embedding | backbone | all
-    group_lr: dict = field(default_factory=dict)  # lr per trainable group (e.g. {head: 1e-5}); others: optim.lr
+    group_lr: dict = field(default_factory=dict)  # lr per trainable group (e.g. {head: 1e-5}, lora: 1e-3); others: optim.lr
+    lora: LoraSection = field(default_factory=LoraSection)  # LoRA adapters that train beside the `trainable` groups
     # reward gradient
     grad_last_k: Optional[int] = None    # backprop through the last k AR steps only (None = all K)
     detach_context: bool = False         # earlier steps' tokens enter later steps' context detached
