@@ -168,6 +168,7 @@ def test_reference_is_the_frozen_base(setup, tmp_path):
     (z_r, x_r), (z_b, x_b), (z_p, x_p) = probe(ref), probe(base), probe(policy)
     assert torch.equal(z_r, z_b) and torch.equal(x_r, x_b)
     assert not torch.equal(x_p, x_b)
+    assert all(layer.disable_adapters for _, layer in lora.tuner_layers(ref))   # adapters off, not dormant copies
     own = dict(policy.named_parameters())
     shared = [n for n, p in ref.named_parameters() if n not in trainer.names]
     assert shared and all(p.data_ptr() == own[n].data_ptr() for n, p in ref.named_parameters() if n in shared)
