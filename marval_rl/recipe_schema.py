@@ -140,6 +140,7 @@ class DistillSection:
     time_weight: str = "sigma"         # sigma: w(t) = sqrt(1 - ab_t), the loss in eps units | none
     init_timestep: int = 950           # g_theta = x0-prediction of the teacher head at t*
     train_backbone: bool = False       # False: only the head trains; the teacher's z is the condition
+    lora: LoraSection = field(default_factory=LoraSection)  # LoRA on the student: only the adapters train
     fake_steps_per_gen: int = 1        # auxiliary-score updates per generator update
     mask_ratio_min: Optional[float] = None  # context masks ~ N(1, .25) on [min, 1]; None = teacher's
     generator_optim: OptimSection = field(default_factory=lambda: OptimSection(

@@ -193,3 +193,41 @@ def test_killed_lora_run_resumes_exactly(setup, run, tmp_path):
     b = torch.load(split / "rl_state.pt", weights_only=True)["trainer"]
     assert a["trainable"].keys() == b["trainable"].keys()
     assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+
+
+# ------------------------------------------------------------------ distillation: LoRA on the student
+from test_distill import args as distill_args, pair  # noqa: E402,F401  (the tiny teacher + VAE fixture)
+
+
+def test_distill_with_lora_on_the_head_saves_merged_and_resumes(pair, tmp_path, capsys):  # noqa: F811
+    # catches: the student's base weights or biases trained under distill.lora, a student/ folder that
+    # is not a plain checkpoint, no adapter/ beside it, and a resume without the adapters' state
+    from marval_rl.cli import main
+
+    straight, split = tmp_path / "a", tmp_path / "b"
+    common = ["distill.lora.targets=[head]", "distill.lora.rank=4", "distill.checkpoint_every=1",
+              "distill.generator_optim.lr=1e-2"]
+    assert main(distill_args(pair, straight, *common, "distill.generator_optim.steps=3")) == 0
+    assert main(distill_args(pair, split, *common, "distill.generator_optim.steps=2")) == 0
+    assert main(distill_args(pair, split, *common, "distill.generator_optim.steps=3")) == 0
+    capsys.readouterr()
+    base_model = MARVAL.from_teacher(load_pretrained(pair / "teacher"))
+    base = base_model.state_dict()
+    sa = load_pretrained(straight / "student", expected="marval").state_dict()
+    sb = load_pretrained(split / "student", expected="marval").state_dict()
+    assert list(sa) == list(base) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    targets = {f"{t}.weight" for t in lora.resolve_targets(base_model, LoraSection(targets=["head"]), "x")}
+    assert {n for n in base if not torch.equal(base[n], sa[n])} == targets
+    assert json.loads((straight / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_distill_lora_bad_input(pair, tmp_path, capsys):  # noqa: F811
+    from marval_rl.cli import main
+
+    out = tmp_path / "out"
+    assert main(distill_args(pair, out, "distill.lora.targets=[head]", "distill.train_backbone=true")) == 2
+    assert "distill.lora and distill.train_backbone=true" in capsys.readouterr().err
+    assert main(distill_args(pair, out, "distill.lora.targets=[qkvv]")) == 2
+    err = capsys.readouterr().err
+    assert "distill.lora.targets: no Linear layer of the model is named 'qkvv' (closest: qkv" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

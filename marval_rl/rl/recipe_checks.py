@@ -155,23 +155,16 @@ def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
 
 
 def check_lora_targets(recipe: Recipe) -> None:
-    """train.lora.targets name Linear layers of the policy, none of them trained fully too: checked on the
-    policy built on the meta device (its config only, no weights), so a typo stops before anything loads."""
+    """train.lora.targets name Linear layers of the policy, none of them trained fully too (on the policy's
+    config only, before anything loads)."""
     from marval_rl import lora
     from marval_rl.loading import generator_config
-    from marval_rl.models.one_step import MARVAL, MARVALConfig
-    from marval_rl.rl.policy import trainable_names
 
     try:
-        arch, cfg = generator_config(recipe.model, expected="marval")
+        cfg = generator_config(recipe.model, expected="marval")[1]
     except Exception:   # the loader reports a bad checkpoint with its own message later
         return
-    with torch.device("meta"):
-        policy = MARVAL(MARVALConfig(mar=cfg.to_dict()))
-    s = recipe.train
-    targets = lora.resolve_targets(policy, s.lora, "train.lora")
-    lora.check_no_overlap(targets, trainable_names(policy, s.trainable, allow_empty=True), "train.lora",
-                          "train.trainable")
+    lora.check_targets(cfg, recipe.train.lora, "train.lora", recipe.train.trainable, "train.trainable")
 
 
 def check_trainer_ranks(recipe: Recipe, cores: int) -> None:
