@@ -231,3 +231,14 @@ def test_distill_lora_bad_input(pair, tmp_path, capsys):  # noqa: F811
     err = capsys.readouterr().err
     assert "distill.lora.targets: no Linear layer of the model is named 'qkvv' (closest: qkv" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_policy_gradient_with_lora_ratio_one_and_kl_to_the_base(setup, tmp_path):
+    # catches: worker and trainer adapters that differ (the on-policy ratio would not be exactly 1), and a KL
+    # against the adapted policy itself (exactly 0 forever) instead of the frozen base (0, then > 0)
+    run_training(recipe(setup, tmp_path, "train.algorithm=policy_gradient", "train.iterations=2",
+                        "train.group_size=2", "train.explore_std=0.1", "train.kl_weight=0.1"),
+                 use_ray=False, progress=False)
+    m = metrics(tmp_path)
+    assert all(x["pg/ratio_first_epoch_max_dev"] == 0.0 for x in m)
+    assert m[0]["pg/kl"] == 0.0 and m[1]["pg/kl"] > 0
