@@ -159,8 +159,13 @@ def test_saved_policy_and_adapter_equal_the_trained_model(setup, run):
 def test_reference_is_the_frozen_base(setup, tmp_path):
     # catches: the anchor's reference taken from the adapted policy (adapters on, or the policy itself) or
     # from the trained class embedding, and a reference that copies the frozen base (memory of a 2nd model)
-    trainer = build_trainer(recipe(setup, tmp_path))
+    trainer = build_trainer(recipe(setup, tmp_path, "train.group_lr={lora: 1e-3}"))
     policy, ref = trainer.policy, trainer.reference
+    # train.group_lr.lora is the adapters' lr (catches: adapters taken for their plain group, at optim.lr)
+    adapter_ids = {id(p) for n, p in policy.named_parameters() if ".lora_" in n}
+    lrs = {g["lr"] for g in trainer.optimizer.param_groups for p in g["params"] if id(p) in adapter_ids}
+    assert len(lrs) == 1 and lrs.pop() == pytest.approx(1e-3)
+    assert sorted({g["lr"] for g in trainer.optimizer.param_groups}) == pytest.approx([1e-3, 3e-3])
     randomise_adapters(policy)
     with torch.no_grad():
         policy.class_emb.weight.add_(0.5)
