@@ -162,7 +162,9 @@ def cmd_distill(args) -> int:
     check_run_settings(recipe)
     check_section(recipe.distill)
     check_data_section(recipe.data)
-    generator_config(recipe.model, expected="mar")
+    from marval_rl.lora import check_targets
+
+    check_targets(generator_config(recipe.model, expected="mar")[1], recipe.distill.lora, "distill.lora")
     if not recipe.vae.checkpoint:
         raise RecipeError("distill needs vae.checkpoint (the teacher's tokenizer)")
     check_vae_section(recipe.vae)

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from marval_rl.recipe_schema import (  # noqa: F401  (re-exported: the schema's import path is config)
     ModelSection, VAESection, SampleSection, DataSection, OptimSection, VAETrainSection,
     MARTrainSection, ClassifierTrainSection, ClipTrainSection, PretrainSection, DistillSection,
-    RewardSpec, TrainSection, EvaluateSection, Recipe)
+    RewardSpec, TrainSection, EvaluateSection, Recipe, LoraSection)
 
 
 class RecipeError(ValueError):

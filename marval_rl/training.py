@@ -160,10 +160,13 @@ class Trainable:
     ema_buffers: bool = False
     after_step: Callable[[], None] | None = None
     loss_scaling: bool = False
+    ema_trained_only: bool = False   # average only the parameters that train (LoRA: not the frozen base)
 
     def __post_init__(self):
         self.optimizer = make_optimizer(self.module, self.optim, self.no_decay_containing)
-        self.ema = EMA(self.module, self.optim.ema, buffers=self.ema_buffers) if self.optim.ema > 0 else None
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad] if self.ema_trained_only else None
+        self.ema = EMA(self.module, self.optim.ema, names=names, buffers=self.ema_buffers) \
+            if self.optim.ema > 0 else None
         device = next(self.module.parameters()).device.type
         self.scaler = torch.amp.GradScaler(device, enabled=self.loss_scaling)
 

@@ -214,6 +214,21 @@ CASES = [
     ("teacher_as_policy", T + " model.checkpoint={R}/teacher", r"'mar' checkpoint, but a 'marval' is expected"),
     ("train_without_vae", T + " \"vae.checkpoint=''\"", r"train needs vae\.checkpoint"),
     ("update_rule_typo", T + " train.algorithm=policy_gradeint", r"did you mean 'policy_gradient'"),
+    ("lora_rank_zero", T + " train.trainable=[class_embedding] train.lora.targets=[head] train.lora.rank=0",
+     r"train\.lora\.rank must be an integer >= 1, got 0"),
+    ("lora_alpha_negative", T + " train.trainable=[] train.lora.targets=[head] train.lora.alpha=-1",
+     r"train\.lora\.alpha"),
+    # a typo in a module name: the closest Linear names (difflib), before any weights load
+    ("lora_target_typo", T + " train.trainable=[] train.lora.targets=[decoder_blocks.0.mlp.fc3]",
+     r"train\.lora\.targets: no Linear layer .* 'decoder_blocks\.0\.mlp\.fc3' \(closest: decoder_blocks\.0\.mlp\.fc2"),
+    ("lora_target_group_typo", T + " train.trainable=[] train.lora.targets=[heads]", r"'heads' \(closest: head"),
+    ("lora_and_full_training_of_one_layer", T + " train.trainable=[head] train.lora.targets=[head]",
+     r"train\.lora\.targets and train\.trainable both train one_step\."),
+    ("lora_dropout_breaks_replay", T + " train.trainable=[] train.lora.targets=[head] train.lora.dropout=0.1",
+     r"train\.lora\.dropout must be 0 in RL"),
+    ("lora_group_lr_unknown", T + " train.trainable=[] train.lora.targets=[head] 'train.group_lr={{loras: 1e-3}}'",
+     r"train\.group_lr .*loras"),
+    ("nothing_trains", T + " train.trainable=[]", r"train\.trainable must name some of"),
     # ------------------------------------------------------------------ distill
     ("steps_zero_wrote_undistilled_student", D + " distill.generator_optim.steps=0",
      r"distill\.generator_optim\.steps must be >= 1"),
@@ -311,6 +326,14 @@ def test_fid_without_torch_fidelity(bad, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert main(_argv(E + " evaluate.metrics=[inception_score] evaluate.is_splits=1", bad, out)) == 2
     _check_one_error_line(capsys.readouterr().err, r"need torch-fidelity: pip install 'marval-rl\[fid\]'")
+
+
+def test_missing_peft_for_lora(bad, tmp_path, capsys, monkeypatch):
+    # catches: train.lora without peft installed as a traceback instead of the extra to install
+    monkeypatch.setitem(sys.modules, "peft", None)       # `import peft` raises ImportError
+    out = tmp_path / "out"
+    assert main(_argv(T + " train.trainable=[] train.lora.targets=[head]", bad, out)) == 2
+    _check_one_error_line(capsys.readouterr().err, r"LoRA \(train\.lora\) needs peft.*pip install 'marval-rl\[lora\]'")
     assert not out.exists()
 
 

@@ -16,6 +16,8 @@ keeps its rows (``distributed.shard``), so N ranks at batch B/N compute one proc
 The loop is the shared one (training.run_loop): its training state holds both trainables (the
 student's trained part and S_phi) with their optimisers and the student's EMA, the generator and the
 step, so a killed run resumes exactly. The EMA student is what gets saved as the policy.
+``distill.lora``: peft LoRA adapters on the student's head and / or backbone train instead (marval_rl/lora.py);
+the student is saved merged (a plain checkpoint) and the adapter in peft's format beside it (``adapter/``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from marval_rl import distributed
+from marval_rl import distributed, lora
 from marval_rl.acceleration import autocast
 from marval_rl.config import DistillSection
 from marval_rl.distill.gsim import gsim_loss_eps
@@ -66,6 +68,12 @@ def check_section(s: DistillSection) -> None:
         raise ValueError(f"need 0 <= distill.t_min <= distill.t_max <= 999, got {s.t_min}, {s.t_max}")
     if s.fake_steps_per_gen < 1:
         raise ValueError("distill.fake_steps_per_gen must be >= 1")
+    lora.check_lora_section(s.lora, "distill.lora")
+    if lora.enabled(s.lora):
+        if s.train_backbone:
+            raise ValueError("distill.lora and distill.train_backbone=true: with LoRA only the adapters train; "
+                             "set distill.train_backbone=false and name the backbone in distill.lora.targets")
+        lora.require_peft("distill.lora")
 
 
 class GSIMDistiller:
@@ -82,15 +90,27 @@ class GSIMDistiller:
         self.s, self.teacher = section, teacher.eval().requires_grad_(False)
         self.student = MARVAL.from_teacher(teacher, section.init_timestep).train()
         self.student.requires_grad_(False)
-        self.trainable = self.student if section.train_backbone else self.student.one_step
-        self.trainable.requires_grad_(True)
+        self.use_lora = lora.enabled(section.lora)
+        if self.use_lora:   # peft adapters on the student (marval_rl/lora.py): they alone train
+            adapters = lora.add_lora(self.student, section.lora, "distill.lora", seed=section.seed)
+            self.student.requires_grad_(False)
+            for n, p in self.student.named_parameters():
+                p.requires_grad_(n in set(adapters))
+            self.trainable = self.student
+            # adapters in the backbone: the student computes its own condition (as with train_backbone)
+            self.student_condition = any(not n.startswith("one_step.") for n in adapters)
+        else:
+            self.trainable = self.student if section.train_backbone else self.student.one_step
+            self.trainable.requires_grad_(True)
+            self.student_condition = section.train_backbone
         self.fake = copy.deepcopy(teacher.diffloss.net).train().requires_grad_(True)
         # precision: the teacher, student and S_phi passes run under autocast (fp32 master weights, Adam
         # state and EMA; the losses are formed in fp32); fp16 also scales each player's loss
         self.precision = precision
         scaled = precision == "fp16"
         # The generator's EMA covers what trains only (for MAR-B the frozen backbone is 170M parameters).
-        self.trainables = [Trainable("generator", self.trainable, section.generator_optim, loss_scaling=scaled),
+        self.trainables = [Trainable("generator", self.trainable, section.generator_optim, loss_scaling=scaled,
+                                     ema_trained_only=self.use_lora),
                            Trainable("fake", self.fake, section.fake_optim, loss_scaling=scaled)]
         # set by distill(): where step() draws real latents from, and what sample() decodes with / writes to
         self.batches = self.vae = self.out_dir = None
@@ -110,7 +130,7 @@ class GSIMDistiller:
             z_c, z_u = t.guided_condition(tokens, mask, labels)
         rows = mask.bool().nonzero(as_tuple=True)
         z_c, z_u = z_c[rows], z_u[rows]
-        z_s = self.student.condition(tokens, mask, labels)[rows] if self.s.train_backbone else z_c
+        z_s = self.student.condition(tokens, mask, labels)[rows] if self.student_condition else z_c
         return z_c, z_u, z_s, len(labels)
 
     def _rand(self, shape, gen, dev):
@@ -201,14 +221,14 @@ class GSIMDistiller:
                             generator=torch.Generator().manual_seed(0), record_noise=False)
         save_grid(self.vae.decode_images(res.tokens), self.out_dir / "samples" / f"student_{step:06d}.png", nrow=8)
 
-    def shipped_student(self, trained=None) -> MARVAL:
+    def shipped_student(self, trained=None, merge: bool = True) -> MARVAL:
         """A copy of the student carrying ``trained`` (the shipped generator trainable, its EMA copy):
-        the policy that gets saved and sampled."""
+        the policy that gets saved and sampled; with LoRA, its adapters merged (``merge=False``: kept)."""
         out = copy.deepcopy(self.student).eval()
         if trained is not None:
-            target = out if self.s.train_backbone else out.one_step
+            target = out if self.trainable is self.student else out.one_step
             target.load_state_dict(trained.state_dict())
-        return out
+        return lora.merged_copy(out) if self.use_lora and merge else out
 
 
 def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
@@ -223,7 +243,10 @@ def distill(teacher: MAR, vae, batches, section: DistillSection, out_dir: Path,
     shipped, metrics = run_loop(d, out_dir, generator=torch.Generator().manual_seed(section.seed),
                                 log_every=section.log_every, checkpoint_every=section.checkpoint_every,
                                 sample_every=section.sample_every, progress=progress, resume_from=resume_from)
-    student = d.shipped_student(shipped["generator"])
+    student = d.shipped_student(shipped["generator"], merge=False)
+    if distributed.is_main() and d.use_lora:   # the adapter in peft's format beside the merged student
+        lora.save_adapter(student, section.lora, Path(out_dir) / "adapter")
+    student = lora.merged_copy(student) if d.use_lora else student
     if distributed.is_main():
         save_pretrained(student, Path(out_dir) / "student", metadata={"stage": "distill", **metrics})
     distributed.barrier()

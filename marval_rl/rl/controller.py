@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from marval_rl import strict_json
+from marval_rl import lora, strict_json
 from marval_rl.config import Recipe, RecipeError
 from marval_rl.models.checkpoints import atomic_write, remove_stale_temps, save_pretrained, torch_load_safely
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch, RolloutRequest
@@ -277,6 +277,9 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     if rank != 0:
         finish()
         return {"rank": rank}
+    if lora.has_adapters(final_policy):   # the adapter in peft's format, and the policy merged: a plain checkpoint
+        lora.save_adapter(final_policy, s.lora, out / "adapter", s.trainable)
+        final_policy = lora.merged_copy(final_policy)
     policy_dir = save_pretrained(final_policy, out / "policy",
                                  metadata={"stage": "rl", "algorithm": s.algorithm, "version": trainer.version})
     keys = ["reward/total"] + [k for k in history[-1] if k.startswith(("reward/", "gold/")) and k != "reward/total"] \

@@ -36,11 +36,13 @@ TRAINABLE_GROUPS = {
 }
 
 
-def trainable_names(policy: MARVAL, groups) -> list[str]:
-    """Parameter names of the groups in ``groups`` (see TRAINABLE_GROUPS), in the model's order."""
+def trainable_names(policy: MARVAL, groups, allow_empty: bool = False) -> list[str]:
+    """Parameter names of the groups in ``groups`` (see TRAINABLE_GROUPS), in the model's order.
+
+    ``allow_empty``: no group is fine (LoRA adapters alone train, ``train.lora``)."""
     groups = list(groups)
     bad = [g for g in groups if g not in TRAINABLE_GROUPS]
-    if bad or not groups:
+    if bad or not (groups or allow_empty):
         raise ValueError(f"train.trainable must name some of {sorted(TRAINABLE_GROUPS)}, got {groups}")
     return [n for n, _ in policy.named_parameters() if any(TRAINABLE_GROUPS[g](n) for g in groups)]
 

@@ -125,14 +125,25 @@ def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
                              f"train.group_size ({s.group_size}) for train.algorithm={s.algorithm}")
     from marval_rl.rl.policy import TRAINABLE_GROUPS
 
+    from marval_rl import lora
+
+    lora.check_lora_section(s.lora, "train.lora")
+    use_lora = lora.enabled(s.lora)
     bad = [g for g in s.trainable if g not in TRAINABLE_GROUPS]
-    if bad or not s.trainable:
-        raise ValueError(f"train.trainable must name some of {sorted(TRAINABLE_GROUPS)}, got {list(s.trainable)}")
+    if bad or not (s.trainable or use_lora):
+        raise ValueError(f"train.trainable must name some of {sorted(TRAINABLE_GROUPS)}"
+                         f"{' (or none, with train.lora)' if use_lora else ''}, got {list(s.trainable)}")
+    if use_lora:
+        if float(s.lora.dropout) != 0:
+            raise ValueError(f"train.lora.dropout must be 0 in RL (the policy runs without dropout so that the "
+                             f"trainer's replay equals the rollout), got {s.lora.dropout}")
+        lora.require_peft("train.lora")
+        check_lora_targets(recipe)
+    lr_groups = sorted(TRAINABLE_GROUPS) + ["lora"]
     bad_lr = {g: v for g, v in dict(s.group_lr).items()
-              if g not in TRAINABLE_GROUPS or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
+              if g not in lr_groups or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
     if bad_lr:  # a group that does not train is ignored (so overriding train.trainable alone works)
-        raise ValueError(f"train.group_lr must map groups of {sorted(TRAINABLE_GROUPS)} to finite lrs > 0, "
-                         f"got {bad_lr}")
+        raise ValueError(f"train.group_lr must map groups of {lr_groups} to finite lrs > 0, got {bad_lr}")
     if s.eval_real not in ("auto", "off"):
         raise ValueError(f"train.eval_real must be 'auto' or 'off', got {s.eval_real!r}")
     cores = os.cpu_count() or 1
@@ -141,6 +152,19 @@ def check_train_recipe(recipe: Recipe, class_num: int | None = None) -> None:
                          f"exceeds the {cores} CPU cores of this machine; lower them or join a cluster "
                          f"with train.ray_address")
     check_trainer_ranks(recipe, cores)
+
+
+def check_lora_targets(recipe: Recipe) -> None:
+    """train.lora.targets name Linear layers of the policy, none of them trained fully too (on the policy's
+    config only, before anything loads)."""
+    from marval_rl import lora
+    from marval_rl.loading import generator_config
+
+    try:
+        cfg = generator_config(recipe.model, expected="marval")[1]
+    except Exception:   # the loader reports a bad checkpoint with its own message later
+        return
+    lora.check_targets(cfg, recipe.train.lora, "train.lora", recipe.train.trainable, "train.trainable")
 
 
 def check_trainer_ranks(recipe: Recipe, cores: int) -> None:

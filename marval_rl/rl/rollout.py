@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from marval_rl import lora
 from marval_rl.acceleration import autocast, compile_generator
-from marval_rl.config import ModelSection, RewardSpec, VAESection
+from marval_rl.config import LoraSection, ModelSection, RewardSpec, VAESection
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch, RolloutRequest, checksum
 from marval_rl.rl.policy import GaussianPolicySampler, per_step_sample_mean
 from marval_rl.sampling import sample_tokens
@@ -54,6 +55,8 @@ class WorkerSpec:
     precision: str = "fp32"      # autocast of sampling, decoding and rewards (acceleration.py)
     compile: bool = False        # torch.compile the policy's backbone and head
     compile_mode: str = "default"  # torch.compile's mode (reduce-overhead: CUDA graphs)
+    lora: LoraSection = field(default_factory=LoraSection)  # the trainer's adapters, so its weights fit
+    seed: int = 0                # train.seed (the adapters' initial A; the trainer's weights replace it)
 
     @classmethod
     def from_recipe(cls, recipe) -> "WorkerSpec":
@@ -64,7 +67,7 @@ class WorkerSpec:
                    num_iter=s.num_iter, explore_std=explore_std(s), explore_steps=list(s.explore_steps),
                    prompt_template=s.prompt_template, class_names=list(s.class_names), device=recipe.device,
                    threads=s.worker_threads, precision=recipe.precision, compile=recipe.compile,
-                   compile_mode=recipe.compile_mode)
+                   compile_mode=recipe.compile_mode, lora=s.lora, seed=s.seed)
 
 
 class RolloutWorker:
@@ -78,6 +81,8 @@ class RolloutWorker:
         # policy re-casts every weight at every step: a bf16 MAR-B generation, batch 2, K = 16, measured
         # 9.7 s frozen against 8.9-9.3 s not frozen)
         self.policy = load_generator(spec.model, spec.device, expected="marval")
+        if lora.enabled(spec.lora):   # the same peft layers as the trainer's: its adapter weights load by name
+            lora.add_lora(self.policy, spec.lora, "train.lora", seed=spec.seed)
         self.vae = load_vae(spec.vae, spec.device)
         if self.vae is None:
             raise ValueError("rollout workers need vae.checkpoint to decode images")

@@ -5,6 +5,8 @@ the one-step head, the class embedding, the rest of the backbone, or all). Whate
 regulariser compares the policy with the reference *model* on the visited states: when only the head
 trains the reference backbone equals the policy's and one backbone pass serves both; otherwise the
 frozen reference model computes its own condition z_ref on the same state (``PolicyView``).
+``train.lora`` adds peft LoRA adapters (marval_rl/lora.py) that train beside (never on top of) the plain
+groups; the reference is then the frozen base: the policy's own frozen tensors with the adapters off.
 
 Update rules (``marval_rl/rl/update_rules.py``, registered by name) use :meth:`sampler`, :meth:`replay`,
 :meth:`decode`, :meth:`reward_scale`, :meth:`backward` and :meth:`step`; the trainer applies one rule per iteration and
@@ -12,10 +14,9 @@ bumps the policy version.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
+from marval_rl import lora
 from marval_rl.acceleration import autocast
 from marval_rl.config import TrainSection
 from marval_rl.models.one_step import MARVAL
@@ -45,8 +46,20 @@ class RLTrainer:
             rewards.check_differentiable(f"train.algorithm={section.algorithm}")
         self.policy = policy.train(False)  # no dropout: the replay must equal the rollout
         self.policy.config.grad_checkpointing = section.grad_checkpointing
-        self.names = trainable_names(policy, section.trainable)
-        self.reference = copy.deepcopy(policy).requires_grad_(False)
+        use_lora = lora.enabled(section.lora)
+        plain = trainable_names(policy, section.trainable, allow_empty=use_lora)
+        adapters = []
+        if use_lora:   # peft adapters on the chosen Linear layers (marval_rl/lora.py)
+            lora.check_no_overlap(lora.resolve_targets(policy, section.lora, "train.lora"), plain,
+                                  "train.lora", "train.trainable")
+            adapters = lora.add_lora(policy, section.lora, "train.lora", seed=section.seed)
+        trained = set(plain) | set(adapters)
+        self.names = [n for n, _ in policy.named_parameters() if n in trained]
+        if not self.names:
+            raise ValueError("nothing trains: name train.trainable groups or train.lora.targets")
+        # the anchor's reference: the starting model, sharing every frozen tensor with the policy (adapters
+        # off, private copies of the fully trained parameters only), so it costs no second model
+        self.reference = lora.frozen_base(policy, self.names)
         self.head_only = all(n.startswith("one_step.") for n in self.names)
         self.policy.requires_grad_(False)
         params = dict(policy.named_parameters())
@@ -68,11 +81,13 @@ class RLTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
     def _lr_scale(self, name: str) -> float:
-        """train.group_lr / train.optim.lr for the first group in train.group_lr that holds ``name``."""
+        """train.group_lr / train.optim.lr for the first group in train.group_lr that holds ``name``
+        (``lora``: the adapters; the plain groups: the fully trained parameters)."""
         from marval_rl.rl.policy import TRAINABLE_GROUPS
 
+        is_adapter = ".lora_A." in name or ".lora_B." in name
         for group, lr in dict(self.s.group_lr).items():
-            if TRAINABLE_GROUPS[group](name):
+            if (group == "lora" and is_adapter) or (group != "lora" and not is_adapter and TRAINABLE_GROUPS[group](name)):
                 return float(lr) / self.s.optim.lr
         return 1.0
 
@@ -88,7 +103,8 @@ class RLTrainer:
         return PolicyWeights.of(self.version, {n: params[n] for n in self.names})
 
     def final_policy(self) -> MARVAL:
-        """The policy to save: the live weights, or a copy carrying their EMA."""
+        """The policy to save: the live weights, or a copy carrying their EMA (with its LoRA adapters, if
+        any: the controller saves them and merges them, ``lora.merged_copy``)."""
         return self.policy if self.ema is None else self.ema.averaged_copy(self.policy)
 
     # ------------------------------------------------------------------ tools of the update rules
