@@ -104,19 +104,19 @@ def resolve_targets(model: nn.Module, section, key: str) -> list[str]:
     return [n for n in names if n in chosen]
 
 
-def check_targets(mar_config, section, key: str, plain_groups=None, plain_key: str = "") -> None:
+def check_targets(mar_config, section, key: str, plain_names=None, plain_key: str = "") -> None:
     """``section.targets`` against a MARVAL of ``mar_config`` built on the meta device (no weights, no
-    memory), and, with ``plain_groups``, no layer in both: a typo stops before anything loads."""
+    memory), and, with ``plain_names(model)`` (the fully trained parameters' names), no layer in both: a
+    typo stops before anything loads."""
     if not enabled(section):
         return
     from marval_rl.models.one_step import MARVAL, MARVALConfig
-    from marval_rl.rl.policy import trainable_names
 
     with torch.device("meta"):
         model = MARVAL(MARVALConfig(mar=mar_config.to_dict()))
     targets = resolve_targets(model, section, key)
-    if plain_groups is not None:
-        check_no_overlap(targets, trainable_names(model, plain_groups, allow_empty=True), key, plain_key)
+    if plain_names is not None:
+        check_no_overlap(targets, plain_names(model), key, plain_key)
 
 
 def check_no_overlap(targets: list[str], plain_names: list[str], key: str, plain_key: str) -> None:

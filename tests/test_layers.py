@@ -13,7 +13,7 @@ LAYERS = [
     {"marval_rl.acceleration", "marval_rl.distributed"},
     {"marval_rl.models"},
     {"marval_rl.data", "marval_rl.sampling"},
-    {"marval_rl.eval", "marval_rl.training", "marval_rl.loading"},
+    {"marval_rl.eval", "marval_rl.training", "marval_rl.loading", "marval_rl.lora"},
     {"marval_rl.rewards"},
     {"marval_rl.distill", "marval_rl.pretrain"},
     {"marval_rl.rl", "marval_rl.run_record"},

@@ -159,12 +159,14 @@ def check_lora_targets(recipe: Recipe) -> None:
     config only, before anything loads)."""
     from marval_rl import lora
     from marval_rl.loading import generator_config
+    from marval_rl.rl.policy import trainable_names
 
     try:
         cfg = generator_config(recipe.model, expected="marval")[1]
     except Exception:   # the loader reports a bad checkpoint with its own message later
         return
-    lora.check_targets(cfg, recipe.train.lora, "train.lora", recipe.train.trainable, "train.trainable")
+    lora.check_targets(cfg, recipe.train.lora, "train.lora",
+                       lambda model: trainable_names(model, recipe.train.trainable, allow_empty=True), "train.trainable")
 
 
 def check_trainer_ranks(recipe: Recipe, cores: int) -> None:
