@@ -215,10 +215,16 @@ def test_ray_workers_cannot_import_from_the_launch_directory(foreign_cwd, monkey
     from marval_rl.rl.ray_executor import init_ray
 
     cwd, marker = foreign_cwd
+    # the cluster's own processes too: Ray starts its dashboard helpers as `python -c ...` in the driver's
+    # cwd ('' first on sys.path), so a launch directory's logging.py / ray.py ran there and the dashboard
+    # died (before the cluster was started from an empty directory)
+    for name in ("logging.py", "ray.py"):
+        (cwd / name).write_text(f"open({str(marker)!r}, 'a').write({name!r} + '\\n')\n")
     monkeypatch.chdir(cwd)
     if ray.is_initialized():
         ray.shutdown()
-    started, _ = init_ray(TrainSection(num_workers=1), num_cpus=1)
+    started, url = init_ray(TrainSection(num_workers=1), num_cpus=1)
+    assert url, "the dashboard did not start"
     try:
         @ray.remote(num_cpus=1)
         def probe():
@@ -230,4 +236,5 @@ def test_ray_workers_cannot_import_from_the_launch_directory(foreign_cwd, monkey
         if started:
             ray.shutdown()
     assert unimportable and Path(worker_cwd).resolve() != cwd.resolve()
-    assert str(cwd) not in path and not marker.exists()
+    time.sleep(2)                      # the dashboard's agent and helpers start a little after init
+    assert str(cwd) not in path and not marker.exists(), marker.read_text() if marker.exists() else ""

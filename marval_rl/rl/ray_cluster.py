@@ -15,6 +15,7 @@ them, the only modules of marval-rl that import Ray (docs/ray.md).
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 import socket
 import tempfile
@@ -83,6 +84,19 @@ def _port_free(host: str, port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def _empty_cwd():
+    """Start the cluster's processes (GCS, raylet, the dashboard and its helpers, some run as
+    ``python -c`` with '' first on sys.path) in the empty private directory, not in the launch directory:
+    a ``logging.py`` or ``ray.py`` there must never run inside the cluster."""
+    here = os.getcwd()
+    os.chdir(private_working_dir()["working_dir"])
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def private_working_dir() -> dict:
@@ -167,7 +181,7 @@ def _init_here(section: TrainSection, num_cpus: int, job_name: str | None) -> tu
     # address="local": always a fresh private cluster, never someone's `ray start` cluster or $RAY_ADDRESS;
     # every service of it on loopback (_loopback_node, docs/ray.md "What listens where")
     _precreate_private_token()
-    with _loopback_node():
+    with _loopback_node(), _empty_cwd():
         ctx = ray.init(address="local", num_cpus=max(1, int(num_cpus)), include_dashboard=True,
                        dashboard_host=host, dashboard_port=port or None, _node_ip_address=LOOPBACK, **quiet)
     _private_token_file()
