@@ -4,7 +4,6 @@ output folder's resume policy (run_record.py). Each problem is one RecipeError n
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 

@@ -4,6 +4,7 @@ missing one, the command that makes it: `marval-rl download` for released weight
 Hugging Face cache in tmp_path, files made by hand where a test needs them present."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -80,7 +81,7 @@ def test_files_that_are_here_are_not_listed(empty_place, capsys):
 def test_names_in_the_hub_cache_count_as_here(empty_place, capsys, monkeypatch):
     # catches: resolving a table name as a local path (it would be listed although the cache has it), and
     # ImageReward's med_config not defaulting to the checkpoint's repo as the reward itself does
-    put_in_cache(Path(__import__("os").environ["HF_HUB_CACHE"]), "google-bert/bert-base-uncased",
+    put_in_cache(Path(os.environ["HF_HUB_CACHE"]), "google-bert/bert-base-uncased",
                  {"vocab.txt": b"[PAD]\n"})
     spec = "train.rewards=[{name: image_reward, kwargs: {checkpoint: image_reward, vocab: bert_base_uncased}}]"
     r = load_recipe("imagereward_b", [spec])
