@@ -111,6 +111,7 @@ def making_command(spec) -> Making | None:
             root = Path(*parts[:-len(written)]) if len(parts) > len(written) else None
             where = f" output_dir={path.parent}" if root is not None else ""
             return Making(f"marval-rl {command} {name}{where}")
-    if path.name in _BY_FOLDER and len(parts) > 1:
+    # by folder name only where it cannot be a hub id (org/repo): absolute, ./relative, or 3+ parts deep
+    if path.name in _BY_FOLDER and (path.is_absolute() or str(spec).startswith(".") or len(parts) > 2):
         return Making(_BY_FOLDER[path.name].format(out=path.parent))
     return None
