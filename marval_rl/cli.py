@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from marval_rl import strict_json
 from marval_rl.acceleration import autocast, compile_generator
 from marval_rl.config import RecipeError, check_device, load_recipe, recipe_to_yaml
 from marval_rl.models.checkpoints import CheckpointError
@@ -88,7 +88,7 @@ def cmd_sample(args) -> int:
         summary["grid"] = str(save_grid(imgs, out / "grid.png", nrow=s.grid_nrow))
     else:
         print("note: recipe has no vae.checkpoint; wrote latents only", file=sys.stderr)
-    print(json.dumps(summary))
+    print(strict_json.dumps(summary))
     return 0
 
 
@@ -140,7 +140,7 @@ def cmd_pretrain(args) -> int:
             if distributed.is_main():
                 print(f"[{stage}] done in {summary[stage]['minutes']} min")
         if distributed.is_main():
-            print(json.dumps(summary))
+            print(strict_json.dumps(summary))
         return 0
 
     return data_parallel(out, body)
@@ -181,7 +181,7 @@ def cmd_distill(args) -> int:
         _, metrics = distill(teacher, vae, batches, recipe.distill, out, precision=recipe.precision,
                              resume_from=resume_source(args.resume, "distill") if args.resume else None)
         if distributed.is_main():
-            print(json.dumps({"output_dir": recipe.output_dir, "student": str(Path(recipe.output_dir) / "student"),
+            print(strict_json.dumps({"output_dir": recipe.output_dir, "student": str(Path(recipe.output_dir) / "student"),
                               "minutes": round((time.perf_counter() - t0) / 60, 2),
                               "world_size": distributed.world_size(),
                               **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
@@ -245,7 +245,7 @@ def cmd_evaluate(args) -> int:
            "K": s.num_iter, "cfg": s.cfg, "images": len(labels), **score_images(images, labels, classifier, fid),
            "s_per_image": seconds / len(labels)}
     print(format_table([row], list(row)))
-    print(json.dumps(row))
+    print(strict_json.dumps(row))
     return 0
 
 

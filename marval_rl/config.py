@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import math
 import typing
 from pathlib import Path
@@ -105,6 +107,25 @@ def find_recipe(name_or_path: str | Path) -> Path:
                       f"`marval-rl recipes` lists them)")
 
 
+ALLOW_ENV = "MARVAL_RL_RECIPE_ENV"   # =1: let recipes read environment variables with ${oc.env:NAME}
+
+
+def _refuse_environment(node, key: str = "") -> None:
+    """A recipe from elsewhere must not read this machine's environment: ``${oc.env:AWS_SECRET}`` would be
+    copied into recipe.yaml, the logs and wandb. Opt in with MARVAL_RL_RECIPE_ENV=1."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_environment(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_environment(v, f"{key}[{i}]")
+    elif isinstance(node, str) and re.search(r"\$\{\s*oc\.env\s*:", node) and \
+            os.environ.get(ALLOW_ENV) != "1":
+        raise RecipeError(f"recipe key '{key}': {node!r} reads an environment variable, which recipes may not do "
+                          f"(its value would be copied into recipe.yaml, logs and wandb); write the value, or set "
+                          f"{ALLOW_ENV}=1 to allow it")
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] = (), schema: type = Recipe):
     """Load ``path`` (a YAML file or a shipped recipe's name) over the schema's defaults, then apply
     ``key=value`` overrides."""
@@ -148,6 +169,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), schem
         raise RecipeError(f"bad override: {e}") from e
     for layer in layers:
         _check_keys(schema, OmegaConf.to_container(layer, resolve=False))
+        _refuse_environment(OmegaConf.to_container(layer, resolve=False))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
         recipe = OmegaConf.to_object(merged)

@@ -38,7 +38,11 @@ class RankStopped(RuntimeError):
 def stopped_by_peer(e: BaseException, out_dir) -> RankStopped | None:
     """The one-line stop of a rank whose collective failed because a peer died (killed, out of memory):
     the state rank 0 last wrote is whole (written atomically), so rerunning the command resumes it."""
-    if not isinstance(e, dist.DistError):
+    import traceback
+
+    in_collective = isinstance(e, RuntimeError) and e.__traceback__ is not None and any(
+        "torch/distributed/" in f.filename.replace("\\", "/") for f in traceback.extract_tb(e.__traceback__))
+    if not (active() and (isinstance(e, dist.DistError) or in_collective)):   # (gloo raises a plain RuntimeError)
         return None
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return RankStopped(f"rank {rank()} stopped: another rank is gone ({first[:160]}); the last saved state in "

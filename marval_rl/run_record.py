@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from marval_rl import strict_json
 from marval_rl.config import RecipeError, recipe_to_yaml
 from marval_rl.models.checkpoints import atomic_write
 
@@ -166,4 +167,4 @@ def write_run_record(out: Path, recipe, command: str) -> None:
     atomic_write(out / RECIPE_FILE, lambda p: Path(p).write_text(recipe_to_yaml(recipe)))
     record = {"command": command, "argv": sys.argv, "version": version(),
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    atomic_write(out / RUN_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1)))
+    atomic_write(out / RUN_FILE, lambda p: Path(p).write_text(strict_json.dumps(record, indent=1)))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from marval_rl import strict_json
 from marval_rl import distributed
 from marval_rl.config import OptimSection
 from marval_rl.models.checkpoints import (CheckpointError, atomic_write, load_state_dict_strict, remove_stale_temps,
@@ -327,7 +328,7 @@ def run_loop(stage: TrainStage, out_dir: Path, *, generator: torch.Generator, lo
                 bar.set_postfix({first: f"{info[first]:.4f}"})
             if main:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                    f.write(strict_json.dumps(metrics) + "\n")
         if main and sample_every and hasattr(stage, "sample") and (done % sample_every == 0 or done == steps):
             shipped = {t.name: t.shipped().eval() for t in trainables}
             with torch.no_grad():

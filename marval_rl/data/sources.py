@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from ..models.checkpoints import atomic_write
 from .emoji import EmojiDataset
 
+from marval_rl import strict_json
+
 if TYPE_CHECKING:
     from ..config import DataSection
 
@@ -114,7 +116,7 @@ def cache_latents(vae: torch.nn.Module, dataset: Dataset, path: str | Path, batc
     config = getattr(vae, "config", None)
     meta = {
         "format": LATENT_FORMAT,
-        "vae_config": json.dumps(config.to_dict() if hasattr(config, "to_dict") else {}),
+        "vae_config": strict_json.dumps(config.to_dict() if hasattr(config, "to_dict") else {}),
         "image_size": str(int(getattr(dataset, "image_size", 0) or tensors["moments"].shape[-1] * _stride(vae))),
         "num_classes": str(int(getattr(dataset, "num_classes", int(tensors["labels"].max()) + 1))),
     }

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from marval_rl import strict_json
 from marval_rl.models.preprocess import check_images
 
 STATS_FILE = "stats.safetensors"
@@ -95,7 +96,7 @@ def compute_reference_stats(classifier: nn.Module, images, out_dir, provenance: 
             "classifier_fingerprint": classifier_fingerprint(classifier),
             "feature": "EmojiClassifier.features (penultimate, after ReLU)",
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), **(provenance or {})}
-    atomic_write(out_dir / INFO_FILE, lambda p: Path(p).write_text(json.dumps(info, indent=1)))
+    atomic_write(out_dir / INFO_FILE, lambda p: Path(p).write_text(strict_json.dumps(info, indent=1)))
     return out_dir
 
 

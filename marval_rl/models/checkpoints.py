@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from marval_rl import strict_json
 from marval_rl.models.architectures import ARCHITECTURES, architecture_name
 
 FORMAT_VERSION = 1
@@ -239,7 +240,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, metadata: di
     doc = {"format_version": FORMAT_VERSION, "architecture": arch,
            "config": model.checkpoint_config() if hasattr(model, "checkpoint_config") else model.config.to_dict(),
            "metadata": metadata or {}}
-    atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
+    atomic_write(directory / "config.json", lambda p: Path(p).write_text(strict_json.dumps(doc, indent=1)))
     return directory
 
 

@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from marval_rl import strict_json
 from marval_rl.config import Recipe, RecipeError
 from marval_rl.models.checkpoints import atomic_write, remove_stale_temps, save_pretrained, torch_load_safely
 from marval_rl.rl.batch import PolicyWeights, RolloutBatch, RolloutRequest
@@ -206,7 +207,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     end = s.iterations if stop_after is None else min(s.iterations, stop_after)
 
     def save_state(iteration: int):
-        state = {"trainer": trainer.state_dict(), "iteration": iteration, "history": json.dumps(history),
+        state = {"trainer": trainer.state_dict(), "iteration": iteration, "history": strict_json.dumps(history),
                  "eval_first": _point_state(first), "wandb_id": logger.wandb_id or ""}
         atomic_write(state_path, lambda p: torch.save(state, p))
         logger.report()

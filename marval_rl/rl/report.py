@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from marval_rl import strict_json
 from marval_rl.models.checkpoints import atomic_write
 from marval_rl.rl.evaluation import EvalPoint, summarise
 
@@ -39,9 +40,9 @@ def save_eval_point(out: Path, point: EvalPoint, class_ids: list[int], names: li
     """``eval/iter_XXXXX.safetensors``: the point's images and scores, with the prompts' class ids."""
     tensors = {"images": point.images.contiguous(), "class_ids": torch.tensor(class_ids, dtype=torch.int64),
                **{f"score/{k}": v.detach().float().contiguous().cpu() for k, v in point.scores.items()}}
-    meta = {"iteration": str(point.iteration), "names": json.dumps([names[c] for c in class_ids]),
-            "fid_proxy": json.dumps(point.fid_proxy), "spread": json.dumps(point.spread),
-            "keys": json.dumps(list(point.scores))}   # safetensors sorts tensor names; keep the metric order
+    meta = {"iteration": str(point.iteration), "names": strict_json.dumps([names[c] for c in class_ids]),
+            "fid_proxy": strict_json.dumps(point.fid_proxy), "spread": strict_json.dumps(point.spread),
+            "keys": strict_json.dumps(list(point.scores))}   # safetensors sorts tensor names; keep the metric order
     path = Path(out) / EVAL_DIR / f"iter_{point.iteration:05d}.safetensors"
     atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
     return path
@@ -64,7 +65,7 @@ def load_eval_points(out: Path) -> list[tuple[EvalPoint, list[str]]]:
 
 
 def save_real(out: Path, real: dict[str, float]) -> None:
-    atomic_write(Path(out) / EVAL_DIR / "real.json", lambda p: Path(p).write_text(json.dumps(real)))
+    atomic_write(Path(out) / EVAL_DIR / "real.json", lambda p: Path(p).write_text(strict_json.dumps(real)))
 
 
 # --------------------------------------------------------------------------------------- figures

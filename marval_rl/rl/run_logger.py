@@ -1,11 +1,11 @@
 """Run logs of ``marval-rl train``: JSONL metrics, image grids, reward curve, optional wandb, summary."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from marval_rl import strict_json
 from marval_rl.models.checkpoints import atomic_write
 
 
@@ -17,7 +17,7 @@ class RunLogger:
         wandb run to continue (from the state)."""
         self.out, self.recipe, self.names = Path(out), recipe, names
         self.metrics_path = self.out / "metrics.jsonl"
-        rows = "".join(json.dumps(h) + "\n" for h in history)
+        rows = "".join(strict_json.dumps(h) + "\n" for h in history)
         atomic_write(self.metrics_path, lambda p: Path(p).write_text(rows))
         self.wandb = None
         if recipe.train.wandb != "off":
@@ -31,7 +31,7 @@ class RunLogger:
 
     def log(self, metrics: dict, batches=None):
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(strict_json.dumps(metrics) + "\n")
         path = None
         if batches is not None:
             from marval_rl.eval.images import save_labelled_grid
@@ -83,7 +83,7 @@ class RunLogger:
                real=None):
         if history:
             summary["reward_curve"] = str(self.reward_curve(history, summary.get("eval_history", [])))
-        atomic_write(self.out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))
+        atomic_write(self.out / "summary.json", lambda p: Path(p).write_text(strict_json.dumps(summary, indent=1)))
         summary["report"] = str(self.report())
         print()
         if last is not None:
@@ -105,4 +105,4 @@ class RunLogger:
                 print(f"| {r['metric']} | {r['first']:.4f} | {r['last']:.4f} | {r['best']:.4f} |")
         if self.wandb is not None:
             self.wandb.finish(summary, summary.get("policy"), summary.get("before_after"))
-        print(json.dumps(summary))
+        print(strict_json.dumps(summary))

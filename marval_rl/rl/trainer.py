@@ -112,7 +112,12 @@ class RLTrainer:
             return self.vae.decode_images(tokens)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate an update rule's loss (outside autocast; scaled under fp16)."""
+        """Backpropagate an update rule's loss (outside autocast; scaled under fp16). A non-finite loss stops
+        the run here, before any weight or checkpoint takes it in."""
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(f"train.algorithm={self.s.algorithm}: the update rule's loss is "
+                                     f"{loss.detach().flatten()[0].item()} at policy version {self.version}; "
+                                     f"nothing of this update was applied or saved (lower the lr, or check the rule)")
         self.scaler.scale(loss).backward()
 
     def reward_scale(self, totals: torch.Tensor) -> float:
@@ -141,6 +146,11 @@ class RLTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        bad = [n for n, p in self.policy.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:   # NaN gradients that the clip passed on (fp16's scaler skips those steps itself)
+            raise FloatingPointError(f"train.algorithm={self.s.algorithm}: the update made {len(bad)} trained "
+                                     f"tensor(s) non-finite ({bad[0]}, ...) at policy version {self.version} "
+                                     f"(gradient norm {float(norm)}); nothing of it was saved")
         if self.ema is not None:
             self.ema.update(self.policy)
         check_in_sync(self.policy)
