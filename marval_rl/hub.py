@@ -106,26 +106,58 @@ def _target(spec: str, filename: str | Sequence[str] | None) -> _Target | None:
 
 def _layout_hint(spec: str) -> str | None:
     """``marval-rl download NAME --dir PREFIX`` when ``spec`` is where ``--dir PREFIX`` would put NAME."""
+    found = _layout_match(spec)
+    return found[0] if found else None
+
+
+def _layout_match(spec: str) -> tuple[str, str] | None:
+    """(the ``--dir`` download command, a note) for a path in the recipes' layout, else None. The note is
+    for an official MAR file the hub does not have (``mar/mar_large/checkpoint-last.pth``, the EMA file):
+    the download in that folder is the non-EMA conversion, under its own name."""
     parts = Path(spec).expanduser().parts
     for entry in WEIGHTS.values():
         sub = tuple(Path(entry.local_dir).parts)
         for tail in ([()] if entry.is_folder else []) + [(entry.local_name(f),) for f in entry.files]:
             want = sub + tail
             if len(parts) >= len(want) and parts[-len(want):] == want:
-                return f"marval-rl download {entry.name} --dir {Path(*parts[:-len(want)] or ['.'])}"
+                return f"marval-rl download {entry.name} --dir {Path(*parts[:-len(want)] or ['.'])}", ""
             if entry.is_folder and len(parts) > len(sub) and parts[-len(sub) - 1:-1] == sub:
-                return f"marval-rl download {entry.name} --dir {Path(*parts[:-len(sub) - 1] or ['.'])}"
+                return f"marval-rl download {entry.name} --dir {Path(*parts[:-len(sub) - 1] or ['.'])}", ""
+        if (not entry.is_folder and sub[:1] == ("mar",) and len(parts) > len(sub)
+                and parts[-len(sub) - 1:-1] == sub and parts[-1] == "checkpoint-last.pth"):
+            prefix = Path(*parts[:-len(sub) - 1] or ["."])
+            written = prefix.joinpath(*sub, entry.local_name(entry.files[0]))
+            return (f"marval-rl download {entry.name} --dir {prefix}",
+                    f"it writes the hub's non-EMA conversion {written}, so name that file; the EMA "
+                    f"checkpoint-last.pth is on Dropbox only: LTH14/mar README, docs/weights.md")
     return None
 
 
 def fetch_hint(spec: str | os.PathLike | None, filename: str | Sequence[str] | None = None) -> str:
-    """``"; fetch it with `marval-rl download ...`"`` for a loader's not-found message, or ``""``."""
-    command = fetch_command(os.fspath(spec), filename) if spec else None
+    """``"; fetch it with `marval-rl download ...`"`` (or ``"; make it with `marval-rl distill ...`"`` for
+    what a marval-rl command writes, run_outputs.py) for a loader's not-found message, or ``""``."""
+    if not spec:
+        return ""
+    from marval_rl.run_outputs import making_command
+
+    making = making_command(os.fspath(spec))
+    if making is not None:
+        return f"; {making.hint()}"
+    layout = _layout_match(os.fspath(spec))
+    if layout:
+        return f"; fetch it with `{layout[0]}`" + (f" ({layout[1]})" if layout[1] else "")
+    command = fetch_command(os.fspath(spec), filename)
     return f"; fetch it with `{command}`" if command else ""
 
 
 def fetch_command(spec: str, filename: str | Sequence[str] | None = None) -> str | None:
-    """The command that would put ``spec`` where a loader looks for it, or None if no command can."""
+    """The command that would put ``spec`` where a loader looks for it, or None if no command can: the
+    marval-rl command that writes it (run_outputs.py), else the ``marval-rl download`` that fetches it."""
+    from marval_rl.run_outputs import making_command
+
+    making = making_command(str(spec))
+    if making is not None:
+        return making.command
     hint = _layout_hint(str(spec))
     if hint:
         return hint
@@ -194,9 +226,10 @@ def resolve(spec: str | os.PathLike, filename: str | Sequence[str] | None = None
     if target.entry is not None:
         raise HubError(f"'{spec_s}' ({what}{rev}) is not in the Hugging Face cache ({cache}); "
                        f"fetch it with `{target.command}`")
-    layout = _layout_hint(spec_s)
-    if layout:
-        raise HubError(f"'{spec_s}' does not exist; fetch it with `{layout}`")
+    from marval_rl.run_outputs import making_command
+
+    if making_command(spec_s) is not None or _layout_match(spec_s):   # a path, not a hub id
+        raise HubError(f"'{spec_s}' does not exist{fetch_hint(spec_s)}")
     raise HubError(f"'{spec_s}' not found: no such local file or folder, and not in the Hugging Face cache ({cache}) "
                    f"as a hub id; if it is one, fetch it with `{target.command}`")
 

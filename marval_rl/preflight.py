@@ -4,7 +4,6 @@ output folder's resume policy (run_record.py). Each problem is one RecipeError n
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -52,9 +51,6 @@ def validate_sections(recipe) -> None:
         check_generator_inputs(recipe, "sample", device_here=False)
         if recipe.vae.checkpoint:
             check_generator_inputs(recipe, "evaluate", device_here=False)
-    d = recipe.data
-    if d.source != "emoji" and d.root and not Path(d.root).exists():
-        print(f"warning: data.root: {d.root} does not exist", file=sys.stderr)
 
 
 def check_output_dir(path: str, key: str = "output_dir") -> Path:

@@ -15,6 +15,7 @@ Preprocessing (resize with antialias, centre crop, normalise) is done in torch, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 
 from marval_rl.models.preprocess import normalize, resize_center_crop
 
-__all__ = ["RewardError", "RewardModel", "resize_center_crop", "normalize", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+__all__ = ["RewardError", "RewardModel", "RewardFile", "resize_center_crop", "normalize", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -32,6 +33,19 @@ RANGE_TOLERANCE = 1e-3
 
 class RewardError(ValueError):
     """A reward that cannot be built, or inputs / outputs a reward cannot accept."""
+
+
+@dataclass(frozen=True)
+class RewardFile:
+    """A file or folder a reward reads, as its kwargs name it (``marval-rl validate`` checks it is there).
+
+    ``spec`` is what the recipe gives: a local path, or a table name / hub id that ``marval_rl.hub.resolve``
+    finds in the local Hugging Face cache, where ``filename`` is the file the reward asks the repo for
+    (None: the repo's folder). ``kind``: "file" or "dir"."""
+    kwarg: str
+    spec: str
+    kind: str = "file"
+    filename: str | tuple[str, ...] | None = None
 
 
 class RewardModel(nn.Module):
@@ -59,6 +73,12 @@ class RewardModel(nn.Module):
         return {"name": self.name, "class": f"{type(self).__module__}:{type(self).__qualname__}",
                 "differentiable": self.differentiable, "set_level": self.set_level,
                 "requires_prompts": self.requires_prompts, "requires_class_ids": self.requires_class_ids}
+
+    @classmethod
+    def required_files(cls, kwargs: dict) -> list[RewardFile]:
+        """The files a reward built with ``kwargs`` reads, checked before anything loads; a reward that
+        reads files overrides this with the same defaults its ``__init__`` uses (none here)."""
+        return []
 
     # ------------------------------------------------------------------ helpers
     def freeze(self) -> "RewardModel":

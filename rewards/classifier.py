@@ -20,7 +20,7 @@ from marval_rl.config import asset_path
 from marval_rl.data.emoji import emoji_classes
 from marval_rl.models.checkpoints import CheckpointError, load_pretrained, load_state_dict_strict, torch_load_safely
 
-from .base import RewardError, RewardModel, normalize, resize_center_crop
+from .base import RewardError, RewardFile, RewardModel, normalize, resize_center_crop
 
 __all__ = ["ClassifierReward", "EfficientNetClassifierReward", "load_efficientnet_lite0", "EfficientNetLite0Features",
            "EFFICIENTNET_EXTRA"]
@@ -58,6 +58,10 @@ class ClassifierReward(RewardModel):
     name = "classifier"
     differentiable = True
     requires_class_ids = True
+
+    @classmethod
+    def required_files(cls, kwargs):
+        return [RewardFile("path", str(kwargs.get("path") or default_classifier_path()), kind="dir")]
 
     def __init__(self, path: str | None = None, log_prob: bool = False, device: str = "cpu"):
         super().__init__()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from marval_rl.hub import OPEN_CLIP_FILES, HubError, fetch_hint, resolve
 
-from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptCache, RewardError, RewardModel, chunks,
+from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PromptCache, RewardError, RewardFile, RewardModel, chunks,
                    interpolation_name, normalize, resize_center_crop)
 
 __all__ = ["OpenCLIPScore", "HFCLIPScore", "read_hf_preprocess", "load_open_clip"]
@@ -121,6 +121,12 @@ class OpenCLIPScore(RewardModel):
     differentiable = True
     requires_prompts = True
 
+    @classmethod
+    def required_files(cls, kwargs):
+        model, weights = str(kwargs.get("model", "ViT-B-32")), kwargs.get("weights")
+        files = [RewardFile("model", model)] if model.endswith(".json") else []   # else a config name
+        return files + ([RewardFile("weights", str(weights), filename=OPEN_CLIP_FILES)] if weights else [])
+
     def __init__(self, model: str = "ViT-B-32", weights: str | None = None, pretrained: str | None = None,
                  random_init: bool = False, scale: float = 1.0, clamp_negative: bool = False,
                  precision: str = "fp32", device: str = "cpu", batch_size: int | None = None):
@@ -214,6 +220,11 @@ class HFCLIPScore(RewardModel):
     name = "hf_clip_score"
     differentiable = True
     requires_prompts = True
+
+    @classmethod
+    def required_files(cls, kwargs):
+        path, processor = kwargs.get("path"), kwargs.get("processor") or kwargs.get("path")
+        return [RewardFile(k, str(v), kind="dir") for k, v in (("path", path), ("processor", processor)) if v]
 
     def __init__(self, path: str | None = None, processor: str | None = None, scale: float = 1.0,
                  use_logit_scale: bool = False, clamp_negative: bool = False, precision: str = "fp32",

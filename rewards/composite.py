@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import RewardError, RewardModel
+from .base import RewardError, RewardFile, RewardModel
 
 __all__ = ["CompositeReward"]
 
@@ -36,6 +36,23 @@ NORMALIZERS = ("none", "fixed", "running")
 class CompositeReward(RewardModel):
     name = "composite"
     frozen = True
+
+    @classmethod
+    def required_files(cls, kwargs):
+        """Every member's files, keyed ``rewards[i].KWARG`` / ``gold[i].KWARG``."""
+        from .registry import resolve_reward_class
+
+        files = []
+        for group in ("rewards", "gold"):
+            for i, spec in enumerate(kwargs.get(group) or []):
+                if isinstance(spec, str):
+                    spec = {"name": spec}
+                if not isinstance(spec, dict):   # an already built reward: nothing left to read
+                    continue
+                member = resolve_reward_class(spec.get("name", ""), kwargs.get("base_dir"))
+                files += [RewardFile(f"{group}[{i}].{f.kwarg}", f.spec, f.kind, f.filename)
+                          for f in member.required_files(dict(spec.get("kwargs") or {}))]
+        return files
 
     def __init__(self, rewards: list, gold: list | None = None, normalize: str = "none", momentum: float = 0.01,
                  eps: float = 1e-6, base_dir: str | Path | None = None, name: str = "composite"):

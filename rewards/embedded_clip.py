@@ -10,7 +10,7 @@ from pathlib import Path
 from marval_rl.config import asset_path
 from marval_rl.models.checkpoints import CheckpointError, load_pretrained
 
-from .base import PromptCache, RewardError, RewardModel
+from .base import PromptCache, RewardError, RewardFile, RewardModel
 
 __all__ = ["EmbeddedCLIPScore", "default_clip_path"]
 
@@ -29,6 +29,10 @@ class EmbeddedCLIPScore(RewardModel):
     name = "embedded_clip"
     differentiable = True
     requires_prompts = True
+
+    @classmethod
+    def required_files(cls, kwargs):
+        return [RewardFile("path", str(kwargs.get("path") or default_clip_path()), kind="dir")]
 
     def __init__(self, path: str | None = None, scale: float = 1.0, device: str = "cpu"):
         super().__init__()

@@ -53,7 +53,7 @@ from torch import nn
 from marval_rl.config import asset_path
 from marval_rl.eval.fid import classifier_fingerprint, compute_reference_stats, feature_moments, load_reference_stats
 
-from .base import RewardError, RewardModel, resize_center_crop
+from .base import RewardError, RewardFile, RewardModel, resize_center_crop
 
 __all__ = ["FIDProxyReward", "frechet_distance_torch", "loo_frechet_distances", "fid_credit", "CREDITS",
            "compute_feature_stats", "InceptionFeatures", "FID_EXTRA"]
@@ -187,6 +187,19 @@ class FIDProxyReward(RewardModel):
     name = "fid_proxy"
     differentiable = True
     set_level = True
+
+    @classmethod
+    def required_files(cls, kwargs):
+        """The reference statistics (given, or the shipped ones for the shipped classifier's features) and
+        the classifier folder whose features it compares (given, or the shipped one)."""
+        stats, classifier = kwargs.get("stats"), kwargs.get("classifier")
+        on_classifier = kwargs.get("features", "classifier") == "classifier"
+        if stats is None and kwargs.get("reference_images") is None and on_classifier and classifier is None:
+            stats = asset_path("embedded/fid")
+        if on_classifier and classifier is None:
+            classifier = asset_path("embedded/classifier")
+        files = [RewardFile("stats", str(stats), kind="dir")] if isinstance(stats, (str, Path)) else []
+        return files + ([RewardFile("classifier", str(classifier), kind="dir")] if classifier else [])
 
     def __init__(self, features: Any = "classifier", stats: str | dict | None = None,
                  reference_images: torch.Tensor | None = None, classifier: str | None = None, credit: str = "jackknife",

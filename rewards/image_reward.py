@@ -37,7 +37,8 @@ from torch import nn
 from marval_rl.hub import WEIGHTS, HubError, fetch_hint, parse_hub_id, resolve
 from marval_rl.models.checkpoints import CheckpointError, torch_load_safely
 
-from .base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RewardError, RewardModel, chunks, normalize, resize_center_crop
+from .base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RewardError, RewardFile, RewardModel, chunks, normalize,
+                   resize_center_crop)
 
 __all__ = ["ImageReward", "ImageRewardNet", "map_checkpoint", "vision_config_from_checkpoint", "MEAN", "STD"]
 
@@ -195,6 +196,16 @@ class ImageReward(RewardModel):
     name = "image_reward"
     differentiable = True
     requires_prompts = True
+
+    @classmethod
+    def required_files(cls, kwargs):
+        """As __init__ resolves them: med_config defaults to the checkpoint's repo, a file each (_HUB_FILES)."""
+        checkpoint, med_config = kwargs.get("checkpoint"), kwargs.get("med_config")
+        if med_config is None and _repo_of(checkpoint):
+            med_config = _repo_of(checkpoint)
+        specs = {"checkpoint": None if kwargs.get("random_init") else checkpoint, "med_config": med_config,
+                 "vocab": kwargs.get("vocab")}
+        return [RewardFile(k, str(v), filename=_HUB_FILES[k]) for k, v in specs.items() if v]
 
     def __init__(self, checkpoint: str | None = None, med_config: str | None = None, vocab: str | None = None,
                  vision_heads: int | None = None, image_size: int | None = None, random_init: bool = False,

@@ -44,3 +44,21 @@ def test_gpu_check_reports_a_stopped_part_and_runs_the_rest(tmp_path):
     assert len(stopped) == 1 and "stopped at the 1.0 s limit" in stopped[0]["what"], stopped
     assert [r["part"] for r in rows].count("rl") == 8 and [r["part"] for r in rows].count("distill") == 2
     assert any("stopped at the 1.0 s limit" in line for line in out.stdout.splitlines() if line.startswith("| "))
+
+
+def test_gpu_memory_estimate_counts_saved_bytes_and_parameters():
+    # catches: counting a storage once per saving op (x is saved by both the mul and the sin here), or
+    # missing one; and parameter counts drifting from the released sizes (docs/gpu.md's table)
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from gpu_memory_estimate import counts, saved_bytes
+
+    x, w = torch.randn(1000, requires_grad=True), torch.randn(1000, requires_grad=True)
+    # mul saves x and w, sin saves x again (same storage), the sum saves nothing: 2 x 1000 float32
+    assert saved_bytes(lambda: ((x * w).sum() + x.sin().sum()).backward()) == 2 * 1000 * 4
+    c = counts()
+    # MAR-B: 208M in the MAR paper; the one-step student has the teacher's size
+    assert round(c["mar_base"]["teacher"] / 1e6) == 208
+    for v in c.values():
+        assert v["student"] == v["teacher"] and v["head"] + v["backbone"] == v["teacher"]

@@ -87,11 +87,8 @@ def test_class_names_where_class_ids_are(tmp_path, capsys):
         "00000_class0.png", "00001_class1.png", "00002_class5.png"]
 
 
-def test_every_shipped_recipe_validates(capsys):
-    from marval_rl.config import shipped_recipes
-
-    for name in shipped_recipes():
-        assert main(["validate", name]) == 0, (name, capsys.readouterr().err)
+# every shipped recipe through `validate`: tests/test_recipe_files.py (a GPU recipe exits 2 here, naming the
+# files it lacks, and nothing else)
 
 
 def test_findings_of_the_second_probe(setup, tmp_path, capsys):  # noqa: F811
