@@ -108,3 +108,41 @@ def test_two_runs_into_one_folder_the_second_is_refused_in_one_line(tmp_path):
 
     with output_lock(out, "distill"):
         assert json.loads((out / ".marval-rl.lock").read_text())["pid"] == os.getpid()
+
+
+def _flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_training_state_is_refused(tmp_path):
+    # before: torch.load does not check the zip's CRC32s, so one flipped bit in rl_state.pt resumed silently
+    import torch
+
+    from marval_rl.models.checkpoints import CheckpointError, torch_load_safely
+
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.arange(4096, dtype=torch.float32), "step": 3}, path)
+    raw = path.read_bytes()
+    at = raw.index(torch.arange(4096, dtype=torch.float32)[1000:1001].numpy().tobytes())  # inside the tensor
+    _flip_bit(path, at)
+    assert torch.load(path, weights_only=True)["step"] == 3          # torch itself loads it without a word
+    with pytest.raises(CheckpointError, match="fails its CRC check"):
+        torch_load_safely(path)
+
+
+def test_a_flipped_bit_in_saved_weights_is_refused(tmp_path):
+    # before: safetensors has no checksum, so one flipped bit in model.safetensors loaded silently
+    from safetensors.torch import load_file
+
+    from marval_rl.models.checkpoints import CheckpointError, load_pretrained, save_pretrained
+
+    model = load_pretrained(Path(__file__).resolve().parents[1] / "marval_rl/assets/embedded/vae")
+    save_pretrained(model, tmp_path / "vae")
+    assert load_pretrained(tmp_path / "vae") is not None              # a sound file loads
+    weights = tmp_path / "vae" / "model.safetensors"
+    _flip_bit(weights, weights.stat().st_size - 5)                    # a byte of the last tensor's data
+    load_file(str(weights))                                           # safetensors itself loads it
+    with pytest.raises(CheckpointError, match="do not match the digest"):
+        load_pretrained(tmp_path / "vae")

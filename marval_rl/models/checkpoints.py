@@ -10,16 +10,19 @@ never leaves a half-loaded model.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -52,6 +55,37 @@ def _check_map_location(map_location, what) -> None:
         raise CheckpointError(f"cannot load {what} to {map_location}: MPS is not available here")
 
 
+DIGEST_KEY = "marval_rl_blake2b"   # safetensors metadata: the digest of every tensor's name, dtype, shape, bytes
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of a state dict (names sorted; dtype, shape and raw bytes of each tensor). safetensors has no
+    checksum of its own, so one flipped bit in a weights file would load silently without this."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def check_zip_crc(path: Path) -> None:
+    """torch.save's zip stores a CRC32 of every record, which torch.load never checks: a flipped bit in a
+    training state would resume silently. Verify them (one read of the file) before loading."""
+    if not zipfile.is_zipfile(path):
+        return          # a legacy (non-zip) torch file: nothing to verify, torch.load reads it as before
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"could not read checkpoint {path}: the file is truncated or corrupt "
+                              f"({_first_line(e)})") from e
+    if bad is not None:
+        raise CheckpointError(f"could not read checkpoint {path}: its record {bad} fails its CRC check: the "
+                              f"file is corrupt (damaged on disk or in a copy); use another copy or an earlier state")
+
+
 def torch_load_safely(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     path = Path(path)
     if path.is_dir():
@@ -65,6 +99,7 @@ def torch_load_safely(path: str | os.PathLike, map_location: str | torch.device 
         raise CheckpointError(f"could not read checkpoint {path}: the file is empty (0 bytes; an interrupted "
                               f"download or copy?)")
     _check_map_location(map_location, path)
+    check_zip_crc(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -236,7 +271,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, metadata: di
     directory = Path(directory)
     arch = architecture_of(model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, p))
+    atomic_write(directory / "model.safetensors",
+                 lambda p: save_file(tensors, p, metadata={DIGEST_KEY: tensors_digest(tensors)}))
     doc = {"format_version": FORMAT_VERSION, "architecture": arch,
            "config": model.checkpoint_config() if hasattr(model, "checkpoint_config") else model.config.to_dict(),
            "metadata": metadata or {}}
@@ -285,9 +321,16 @@ def load_pretrained(directory: str | os.PathLike, expected: str | None = None,
         raise CheckpointError(f"checkpoint weights not found: {weights}")
     _check_map_location(map_location, weights)
     try:
-        sd = load_file(str(weights), device=str(map_location))
+        with safe_open(str(weights), framework="pt") as f:
+            digest = (f.metadata() or {}).get(DIGEST_KEY)
+        sd = load_file(str(weights), device="cpu" if digest else str(map_location))
     except Exception as e:  # safetensors raises its own error types for truncated headers
         raise CheckpointError(f"could not read {weights}: truncated or corrupt ({_first_line(e)})") from e
+    if digest:   # written by save_pretrained: verify (files from elsewhere, or older ones, carry none)
+        if tensors_digest(sd) != digest:
+            raise CheckpointError(f"could not read {weights}: its tensors do not match the digest saved with them: "
+                                  f"the file is corrupt (damaged on disk or in a copy)")
+        sd = {k: v.to(map_location) for k, v in sd.items()} if str(map_location) != "cpu" else sd
     try:
         config = cls.config_class.from_dict(doc["config"])
     except (TypeError, ValueError, KeyError) as e:
