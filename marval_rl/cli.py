@@ -450,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(getattr(args, "overrides", [])) + extra
     try:
         return args.fn(args)
+    except KeyboardInterrupt:   # Ctrl-C: states are written atomically, so what was saved is whole
+        saves = args.command in ("train", "distill", "pretrain", "evaluate", "cache")
+        print("interrupted (Ctrl-C)" + ("; the last saved state is intact: run the same command again to resume "
+                                        "from it" if saves else ""), file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001  (sorted below: an ordinary mistake, or a bug with its traceback)
         message = user_error(e)
         if message is None:

@@ -155,6 +155,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), schem
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key=value")
+        if item.partition("=")[2].strip() == "":   # OmegaConf reads it as null: "Incompatible value 'None'"
+            key = item.partition("=")[0]
+            raise RecipeError(f"override {item!r} has no value after '='; write {key}=VALUE (an empty string: "
+                              f"{key}=\"''\", null: {key}=null)")
         try:
             OmegaConf.from_dotlist([item])
         except Exception as e:  # the value is parsed as YAML: "{} and {}" is a broken mapping

@@ -104,6 +104,8 @@ CASES = [
     ("wrong_type_names_key", S + " sample.num_iter=many", r"sample\.num_iter"),
     ("float_for_int_key", S + " sample.num_iter=2.5", r"sample\.num_iter"),
     ("override_without_equals", S + " sample.cfg", r"key=value"),
+    # before: "Incompatible value 'None'", naming neither the override nor what is missing
+    ("override_with_empty_value", S + " sample.num_iter=", r"override 'sample.num_iter=' has no value after '='"),
     ("section_given_a_scalar", S + " sample=3", r"'sample' is a section"),
     ("empty_override_value", S + " sample.cfg=", r"sample\.cfg"),
     ("validate_checks_values_too", "validate {tiny} sample.cfg=nan", r"sample\.cfg.*finite"),

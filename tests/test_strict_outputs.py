@@ -146,3 +146,26 @@ def test_a_flipped_bit_in_saved_weights_is_refused(tmp_path):
     load_file(str(weights))                                           # safetensors itself loads it
     with pytest.raises(CheckpointError, match="do not match the digest"):
         load_pretrained(tmp_path / "vae")
+
+
+def test_ctrl_c_says_where_it_stopped_in_one_line(tmp_path):
+    # before: Ctrl-C printed a 30-40 line KeyboardInterrupt traceback although the saved state was fine
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "marval_rl.cli", "distill", "recipes/distill_embedded.yaml",
+                          "data.per_class=2", "distill.generator_optim.steps=100000", "distill.fake_optim.steps=100000",
+                          "distill.log_every=1", "distill.sample_every=0", "distill.checkpoint_every=1",
+                          f"output_dir={out}"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "distill_train_state.pt").is_file() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be interrupted"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C); the last saved state is intact")
