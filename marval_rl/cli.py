@@ -124,7 +124,12 @@ def cmd_pretrain(args) -> int:
     p, out = recipe.pretrain, check_output_dir(recipe.output_dir)
     check_device(recipe.device)
     check_pretrain_recipe(recipe)
-    distributed.world()                    # torchrun / accelerate launch: join the process group
+    distributed.world(recipe.device)       # torchrun / accelerate launch: join the process group
+
+    serial = [s for s in p.stages if s not in ("vae", "mar")]
+    if distributed.active() and serial:   # before hours of vae/mar training, not when the stage is reached
+        raise RecipeError(f"pretrain stage(s) {serial} run in one process; under torchrun only the vae and mar "
+                          f"stages are data parallel (run the others without torchrun)")
 
     def body() -> int:
         for stage in {"vae", "mar"} & set(p.stages):
@@ -134,9 +139,6 @@ def cmd_pretrain(args) -> int:
         summary: dict = {"output_dir": str(out)}
         distributed.on_main(lambda: write_run_record(out, recipe, "pretrain"), "writing the run record")
         for stage in p.stages:
-            if distributed.active() and stage not in ("vae", "mar"):
-                raise RecipeError(f"pretrain stage {stage!r} runs in one process; under torchrun only the vae and "
-                                  f"mar stages are data parallel")
             t0 = time.perf_counter()
             metrics = PRETRAIN_STAGES[stage](recipe, out, inputs)
             summary[stage] = {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -170,7 +172,7 @@ def cmd_distill(args) -> int:
     if not recipe.vae.checkpoint:
         raise RecipeError("distill needs vae.checkpoint (the teacher's tokenizer)")
     check_vae_section(recipe.vae)
-    distributed.world()                    # torchrun / accelerate launch: join the process group
+    distributed.world(recipe.device)       # torchrun / accelerate launch: join the process group
     distributed.check_divides(recipe.distill.generator_optim.batch_size, "distill.generator_optim.batch_size")
 
     def body() -> int:
@@ -223,7 +225,7 @@ def cmd_cache(args) -> int:
     if not recipe.vae.checkpoint:
         raise RecipeError("cache needs vae.checkpoint (the VAE whose latents training will read)")
     check_vae_section(recipe.vae)
-    distributed.world()                    # torchrun / accelerate launch: join the process group
+    distributed.world(recipe.device)       # torchrun / accelerate launch: join the process group
 
     def body() -> int:
         main_rank = distributed.is_main()  # asked now: run_cache ends the process group before rank 0's write
@@ -242,9 +244,12 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     check_output_dir(recipe.output_dir)
     check_train_inputs(recipe)
+    from marval_rl import distributed
+
+    distributed.world(recipe.device)       # under torchrun: rank 0 alone removes an --overwrite'd run
     with output_lock(recipe.output_dir, "train"):
         if args.overwrite:
-            prepare_output(recipe, "train", overwrite=True)
+            distributed.on_main(lambda: prepare_output(recipe, "train", overwrite=True), "removing the earlier run")
         run_training(recipe, use_ray=False if args.no_ray else None,   # checks resume, writes the run record
                      resume_from=args.resume)
     return 0
@@ -271,7 +276,7 @@ def cmd_evaluate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     check_output_dir(recipe.output_dir)
     check_generator_inputs(recipe, "evaluate")
-    distributed.world()                    # torchrun / accelerate launch: join the process group
+    distributed.world(recipe.device)       # torchrun / accelerate launch: join the process group
 
     def body() -> int:
         # every model and file loads (and is checked) before the output folder is made

@@ -49,17 +49,20 @@ def stopped_by_peer(e: BaseException, out_dir) -> RankStopped | None:
                        f"{out_dir} is intact: run the same command again to resume")
 
 
-def default_backend() -> str:
-    """nccl with CUDA, gloo on CPU (or when ``MARVAL_DIST_BACKEND=gloo``)."""
-    return "nccl" if torch.cuda.is_available() and os.environ.get("MARVAL_DIST_BACKEND") != "gloo" else "gloo"
+def default_backend(device: str | None = None) -> str:
+    """nccl for a CUDA run, gloo on CPU (a recipe with ``device=cpu`` on a GPU machine too, or when
+    ``MARVAL_DIST_BACKEND=gloo``)."""
+    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    return "nccl" if cuda and os.environ.get("MARVAL_DIST_BACKEND") != "gloo" else "gloo"
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun / accelerate. With
-    nccl, this rank's GPU (LOCAL_RANK) becomes the current device, so ``device=cuda`` means it."""
+def world(device: str | None = None) -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun / accelerate, for the
+    recipe's ``device``. With nccl, this rank's GPU (LOCAL_RANK) becomes the current device, so
+    ``device=cuda`` means it."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size > 1 and not dist.is_initialized():
-        backend = default_backend()
+        backend = default_backend(device)
         dist.init_process_group(backend=backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -134,11 +137,21 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
-def fork_global_rng() -> None:
-    """Give each rank > 0 its own stream of torch's global RNG (dropout), derived from rank 0's seed: the
-    batch's shared randomness comes from the run's generator, dropout masks must differ per rank."""
+def fork_global_rng(base: int | None = None) -> None:
+    """Give each rank > 0 its own stream of torch's global RNG (dropout), derived from ``base`` (default:
+    the seed every rank set): the batch's shared randomness comes from the run's generator, dropout masks
+    must differ per rank."""
     if active() and rank() > 0:
-        torch.manual_seed(torch.initial_seed() + 1_000_003 * rank())
+        torch.manual_seed((torch.initial_seed() if base is None else base) + 1_000_003 * rank())
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank only if ``flag`` is true on every rank (a check every rank must act on together)."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
 
 
 def on_main(fn: Callable[[], T], what: str) -> T | None:

@@ -43,8 +43,9 @@ OUTPUTS = {
     "train": (["rl_state.pt"], ["metrics.jsonl", "summary.json", "report.html", "reward_curve.png",
                                 "before_after.png", "eval", "grids", "policy", "prometheus.yml", "wandb"]),
     "distill": (["distill_train_state.pt"], ["distill_metrics.jsonl", "samples", "student"]),
-    "pretrain": (["vae_train_state.pt", "mar_train_state.pt"], ["vae_metrics.jsonl", "mar_metrics.jsonl", "samples",
-                                                                "vae", "teacher"]),
+    "pretrain": (["vae_train_state.pt", "mar_train_state.pt", "classifier_train_state.pt", "clip_train_state.pt"],
+                 ["vae_metrics.jsonl", "mar_metrics.jsonl", "classifier_metrics.jsonl", "clip_metrics.jsonl",
+                  "samples", "vae", "teacher"]),
     # evaluate writes into OUTPUT_DIR/evaluate (eval/sharded.py), beside whatever made OUTPUT_DIR
     "evaluate": (["eval_progress.json"], ["chunks", "evaluate.json", "eval_inputs.json"]),
 }

@@ -174,9 +174,10 @@ class Trainable:
         """zero_grad, backward, clip, step, EMA; returns the pre-clip gradient norm (0 with clipping off)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)       # (no-op without loss scaling)
-        # data-parallel ranks (a no-op in one process); parameters without a gradient stay without one
+        # data-parallel ranks (a no-op in one process), before unscaling: fp16's overflow check must then see
+        # the same (averaged) gradients on every rank, so all ranks skip or step together
         distributed.average_gradients([p for p in self.module.parameters() if p.grad is not None])
+        self.scaler.unscale_(self.optimizer)       # (no-op without loss scaling)
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim.grad_clip) \
             if self.optim.grad_clip > 0 else torch.tensor(0.0)
         self.scaler.step(self.optimizer)
@@ -264,9 +265,9 @@ def load_training_state(path: str | Path, *, trainables: list[Trainable], genera
     ranks = state.get("torch_rng_ranks") or []
     if len(ranks) == distributed.world_size() > 1:
         torch.set_rng_state(ranks[distributed.rank()])
-    else:   # a state of another world size: rank 0's stream, forked per rank as at a fresh start
+    else:   # a state of another world size: rank 0's stream, forked per rank from a seed drawn from it
         torch.set_rng_state(state["torch_rng"])
-        distributed.fork_global_rng()
+        distributed.fork_global_rng(int(torch.randint(0, 2 ** 62, (1,)).item()) if distributed.active() else None)
     return state
 
 
@@ -295,7 +296,8 @@ def run_loop(stage: TrainStage, out_dir: Path, *, generator: torch.Generator, lo
     source = Path(resume_from) if resume_from is not None else (state_path if state_path.is_file() else None)
     source = distributed.broadcast_object(source)   # rank 0's view: one decision for every rank
     start = 0
-    distributed.fork_global_rng()
+    if source is None:
+        distributed.fork_global_rng()
     if source is not None:
         start = load_training_state(source, trainables=trainables, generator=generator)["step"]
         if main and source.parent.resolve() != out_dir.resolve() and (source.parent / log_path.name).is_file():
@@ -306,10 +308,11 @@ def run_loop(stage: TrainStage, out_dir: Path, *, generator: torch.Generator, lo
         sync_log(log_path, "step", start)
 
     def update(trainable: str, loss: torch.Tensor) -> float:
-        if not torch.isfinite(loss):
+        # every rank decides together: one rank raising alone would leave the others in the all-reduce
+        if not distributed.all_true(bool(torch.isfinite(loss))):
             raise FloatingPointError(f"[{name}] {trainable} loss is {loss.item()} at step {step}"
-                                     f"{f' on rank {distributed.rank()}' if distributed.active() else ''}; lower "
-                                     f"the lr or check the data")
+                                     f"{f' on rank {distributed.rank()} (not finite on some rank)' if distributed.active() else ''}; "
+                                     f"lower the lr or check the data")
         return by_name[trainable].update(loss)
 
     metrics: dict = {}

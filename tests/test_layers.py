@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # bottom to top; a module may import its own layer's other packages only where listed together
 LAYERS = [
     {"marval_rl.recipe_schema", "marval_rl.weights_table", "marval_rl.strict_json"},
-    {"marval_rl.config", "marval_rl.plugins", "marval_rl.hub"},
+    {"marval_rl.config", "marval_rl.plugins", "marval_rl.hub", "marval_rl.run_outputs"},
     {"marval_rl.acceleration", "marval_rl.distributed"},
     {"marval_rl.models"},
     {"marval_rl.data", "marval_rl.sampling"},
@@ -17,7 +17,7 @@ LAYERS = [
     {"marval_rl.rewards"},
     {"marval_rl.distill", "marval_rl.pretrain"},
     {"marval_rl.rl", "marval_rl.run_record"},
-    {"marval_rl.preflight", "marval_rl.errors", "marval_rl.cli", "marval_rl"},
+    {"marval_rl.preflight", "marval_rl.errors", "marval_rl.cli", "marval_rl.recipe_files", "marval_rl"},
 ]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 

@@ -169,3 +169,28 @@ def test_ctrl_c_says_where_it_stopped_in_one_line(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C); the last saved state is intact")
+    assert torch_state_step(out / "distill_train_state.pt") >= 1     # ... and it is: the folder was kept
+
+
+def torch_state_step(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, weights_only=True)["step"])
+
+
+@pytest.mark.parametrize("state", ["vae_train_state.pt", "classifier_train_state.pt", "clip_train_state.pt"])
+def test_a_failed_run_keeps_a_folder_that_holds_a_saved_state(tmp_path, state):
+    # the lock removes a folder it created only while no state was saved; a pretrain state it did not know
+    # (classifier / clip stages) was deleted with the folder by an interrupted `pretrain` of those stages
+    from marval_rl.run_record import output_lock
+
+    out = tmp_path / "new" / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with output_lock(out, "pretrain"):
+            (out / state).write_bytes(b"state")
+            raise KeyboardInterrupt
+    assert (out / state).is_file()
+    with pytest.raises(RuntimeError):
+        with output_lock(tmp_path / "other" / "run", "pretrain"):
+            raise RuntimeError("failed before any state")
+    assert not (tmp_path / "other").exists()          # nothing saved: the folders it made are gone

@@ -64,6 +64,9 @@ class LatentBatches:
     def sample(self, batch_size: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of a global batch of ``batch_size`` latents and labels (all of it in one
         process): the indices, flips and posterior noise are drawn for the whole batch on every rank."""
+        if distributed.active() and len(self) < batch_size:
+            raise ValueError(f"the dataset has {len(self)} items, fewer than the global batch of {batch_size}: "
+                             f"with data-parallel ranks the batch must be whole (lower the batch size)")
         idx = torch.randperm(len(self), generator=gen)[:batch_size]
         if self.cached:
             flip = torch.randint(0, 2, (len(idx),), generator=gen)

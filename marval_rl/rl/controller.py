@@ -128,7 +128,7 @@ def run_training(recipe: Recipe, use_ray: bool | None = None, progress: bool = T
     from marval_rl.rl.rewards import RewardSet
 
     check_train_recipe(recipe)
-    rank, world_size = world()
+    rank, world_size = world(recipe.device)
     s, out = recipe.train, Path(recipe.output_dir)
     use_ray = s.use_ray if use_ray is None else use_ray
     group = s.trainer_ranks > 1     # trainer ranks as Ray actors (rl/ray_trainers.py)

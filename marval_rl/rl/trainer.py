@@ -130,7 +130,9 @@ class RLTrainer:
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate an update rule's loss (outside autocast; scaled under fp16). A non-finite loss stops
         the run here, before any weight or checkpoint takes it in."""
-        if not torch.isfinite(loss.detach()).all():
+        from marval_rl.distributed import all_true
+
+        if not all_true(bool(torch.isfinite(loss.detach()).all())):   # trainer ranks decide together
             raise FloatingPointError(f"train.algorithm={self.s.algorithm}: the update rule's loss is "
                                      f"{loss.detach().flatten()[0].item()} at policy version {self.version}; "
                                      f"nothing of this update was applied or saved (lower the lr, or check the rule)")
