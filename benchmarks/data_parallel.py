@@ -1,6 +1,6 @@
 """Distillation throughput at 1 and 2 data-parallel ranks (torchrun, gloo, one thread per rank).
 
-    python benchmarks/data_parallel.py [--steps 30] [--batch 16]
+    python benchmarks/data_parallel.py [--steps 20] [--batch 64]
 
 Both runs train the embedded student at the same global batch (2 ranks: half each) and, by the rule of
 marval_rl/distributed.py, compute the same steps; the table gives samples (student images) per second
@@ -34,8 +34,8 @@ def samples_per_second(ranks: int, steps: int, batch: int, skip: int, out: Path)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of the timing")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
