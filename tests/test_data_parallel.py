@@ -34,7 +34,7 @@ from marval_rl.models.checkpoints import load_pretrained
 METRIC_RTOL = 1e-3
 WEIGHT_RTOL = 1e-3
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 8
+STEPS = 12
 
 DISTILL = ["recipes/distill_embedded.yaml", "data.per_class=4", f"distill.generator_optim.steps={STEPS}",
            f"distill.fake_optim.steps={STEPS}", "distill.generator_optim.batch_size=8",
@@ -120,10 +120,10 @@ def test_killed_rank_stops_the_run_in_one_line_and_a_rerun_resumes_exactly(disti
     args = ["distill", *DISTILL, f"output_dir={out}"]
     proc = subprocess.Popen(command(2, args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+    rank1 = rank_pid(proc.pid, 1)          # found while the ranks start, so the kill follows the state at once
     state, deadline = out / "distill_train_state.pt", time.time() + 300
     while not state.is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    rank1 = rank_pid(proc.pid, 1)
+        time.sleep(0.005)
     assert rank1 is not None and proc.poll() is None, "the run ended before a rank could be killed"
     os.kill(rank1, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
