@@ -109,7 +109,9 @@ def data_parallel(out_dir, command: str | None, fn) -> int:
         stop = distributed.stopped_by_peer(e, out_dir)
         if stop is None:
             raise
-        raise stop from None
+        print(f"error: {stop}", file=sys.stderr, flush=True)
+        distributed.reported_stop()        # (only after the line: a SIGTERM before it prints its own)
+        raise SystemExit(2) from None
     distributed.finish()
     return code
 

@@ -31,6 +31,15 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
+_STOPPING = False   # set once this rank has said why it stops (the launcher's SIGTERM then adds no 2nd line)
+
+
+def reported_stop() -> None:
+    """This rank has printed its one line about stopping: a SIGTERM from the launcher now exits quietly."""
+    global _STOPPING
+    _STOPPING = True
+
+
 class RankStopped(RuntimeError):
     """This rank cannot go on because another one stopped (its own message is on its own output)."""
 
@@ -272,6 +281,8 @@ def stop_on_sigterm(out_dir) -> None:
         return
 
     def stop(signum, frame):
+        if _STOPPING:
+            os._exit(143)
         print(f"error: rank {rank()} stopped by its launcher (another rank failed); the last saved state in "
               f"{out_dir} is intact: run the same command again to resume", file=sys.stderr, flush=True)
         os._exit(143)
